@@ -1,0 +1,235 @@
+"""The model-adapter interface: everything search, export and skipping need from an MoE family.
+
+Search, export and skipping code only talks to a :class:`MoEAdapter`; it never branches on model
+names. Families written in transformers' current style (a block with a ``gate`` router returning
+``(logits, weights, indices)`` and an ``experts`` module called as ``experts(x, indices, weights)``,
+experts stored as fused 3-D tensors) need only a few class attributes and a routing rule; others
+override the methods that differ.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from pipeline.errors import PipelineError
+from pipeline.models.routing import RoutingRule
+
+#: Transform applied to a router's output: ``(weights [T,k], indices [T,k]) -> (weights, indices)``.
+RouterTransform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class MoEAdapter:
+    """Architecture facts and operations for one MoE family. Instances are stateless."""
+
+    #: ``config.model_type`` values this adapter serves (the registry key).
+    model_types: ClassVar[tuple[str, ...]] = ()
+    #: Human-readable family name for docs and errors.
+    family: ClassVar[str] = ""
+    #: Config key holding the number of routed experts per MoE layer.
+    num_experts_key: ClassVar[str] = "num_local_experts"
+    #: Config key holding the number of experts each token is routed to.
+    top_k_key: ClassVar[str] = "num_experts_per_tok"
+    #: Attribute of a decoder layer holding its feed-forward block (MoE or dense).
+    mlp_attr: ClassVar[str] = "mlp"
+    #: Attributes of the MoE block: router and routed experts.
+    router_attr: ClassVar[str] = "gate"
+    experts_attr: ClassVar[str] = "experts"
+    #: Router tensors that hold one entry per expert (sliced with the experts on export).
+    router_expert_tensors: ClassVar[tuple[str, ...]] = ("weight", "bias", "e_score_correction_bias")
+    #: Per-expert bias added to the scores only to choose experts (DeepSeek-V3), if any.
+    choice_bias_attr: ClassVar[str | None] = None
+    #: Submodules of the MoE block that are shared experts (never pruned), for docs and tests.
+    shared_attrs: ClassVar[tuple[str, ...]] = ()
+
+    # -- config ----------------------------------------------------------------------------------
+    def text_config(self, config: Any) -> Any:
+        """The config holding the language model's settings (unwraps multimodal wrappers)."""
+        getter = getattr(config, "get_text_config", None)
+        return getter() if callable(getter) else config
+
+    def num_experts(self, config: Any) -> int:
+        """Routed experts per MoE layer."""
+        return int(getattr(self.text_config(config), self.num_experts_key))
+
+    def top_k(self, config: Any) -> int:
+        """Experts each token is routed to."""
+        return int(getattr(self.text_config(config), self.top_k_key))
+
+    def routing_rule(self, config: Any) -> RoutingRule:
+        """The rule the model with ``config`` applies to its router logits."""
+        raise NotImplementedError
+
+    def pruned_config(self, config: Any, r: int) -> Any:
+        """A copy of ``config`` for a model that keeps ``r`` experts per MoE layer."""
+        new = copy.deepcopy(config)
+        setattr(self.text_config(new), self.num_experts_key, r)
+        return new
+
+    # -- structure -------------------------------------------------------------------------------
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        """The decoder layers, in order."""
+        base = getattr(model, "model", model)
+        layers = getattr(base, "layers", None)
+        if layers is None and hasattr(base, "language_model"):
+            layers = getattr(base.language_model, "layers", None)
+        if layers is None:
+            raise PipelineError(f"{type(model).__name__} has no decoder layers where the {self.family} adapter looks")
+        return layers
+
+    def moe_block(self, layer: nn.Module) -> nn.Module | None:
+        """The layer's MoE block, or None for a dense layer."""
+        block = getattr(layer, self.mlp_attr, None)
+        if block is not None and hasattr(block, self.router_attr) and hasattr(block, self.experts_attr):
+            return block
+        return None
+
+    def set_moe_block(self, layer: nn.Module, block: nn.Module) -> None:
+        """Replace the layer's MoE block."""
+        setattr(layer, self.mlp_attr, block)
+
+    def moe_layer_indices(self, model: nn.Module) -> list[int]:
+        """Indices of decoder layers that have an MoE block."""
+        return [i for i, layer in enumerate(self.decoder_layers(model)) if self.moe_block(layer) is not None]
+
+    def block_num_experts(self, block: nn.Module) -> int:
+        """Experts currently in ``block``."""
+        return int(self.router_weight(block).shape[0])
+
+    # -- routing ---------------------------------------------------------------------------------
+    def router_weight(self, block: nn.Module) -> torch.Tensor:
+        """The router matrix ``[n, d]``."""
+        return getattr(block, self.router_attr).weight
+
+    def router_logits(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Router logits ``[T, n]`` in float32 for tokens ``x`` ``[T, d]``."""
+        router = getattr(block, self.router_attr)
+        bias = getattr(router, "bias", None)
+        return nn.functional.linear(x.float(), router.weight.float(), None if bias is None else bias.float())
+
+    def choice_bias(self, block: nn.Module) -> torch.Tensor | None:
+        """Per-expert selection bias ``[n]``, if the family has one."""
+        if self.choice_bias_attr is None:
+            return None
+        return getattr(getattr(block, self.router_attr), self.choice_bias_attr, None)
+
+    def route(
+        self, block: nn.Module, logits: torch.Tensor, config: Any, kept: Sequence[int] | torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Routing weights and expert ids ``[T, k]`` when only the experts ``kept`` remain.
+
+        ``kept`` holds expert ids of ``block`` in ascending order (None: all of them); the
+        weights are those the exported model keeping exactly ``kept`` computes; the ids returned
+        are ids of ``block`` (not positions in ``kept``).
+        """
+        bias = self.choice_bias(block)
+        n = logits.shape[-1]
+        if kept is None or len(kept) == n:
+            rule = self.routing_rule(config)
+            return rule(logits, bias)
+        kept_t = torch.as_tensor(kept, dtype=torch.long, device=logits.device)
+        rule = self.routing_rule(self.pruned_config(config, len(kept_t)))
+        weights, local = rule(logits.index_select(-1, kept_t), None if bias is None else bias.index_select(0, kept_t))
+        return weights, kept_t[local]
+
+    def add_router_transform(self, block: nn.Module, transform: RouterTransform) -> Any:
+        """Apply ``transform`` to the block's routing decisions at run time; returns a removable handle.
+
+        The router's ``(logits, weights, indices)`` output is rewritten; an index equal to the
+        number of experts marks a slot that the experts module does not compute.
+        """
+        router = getattr(block, self.router_attr)
+
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> Any:
+            logits, weights, idx = output
+            new_w, new_idx = transform(weights, idx)
+            return logits, new_w.to(weights.dtype), new_idx
+
+        return router.register_forward_hook(hook)
+
+    # -- experts ---------------------------------------------------------------------------------
+    def expert_outputs(self, block: nn.Module, x: torch.Tensor, experts: Sequence[int] | None = None) -> torch.Tensor:
+        """Each listed expert's output on every token: ``[T, m, d]`` (unweighted ``E_i(x)``)."""
+        module = getattr(block, self.experts_attr)
+        ids = list(range(self.block_num_experts(block))) if experts is None else list(experts)
+        t = x.shape[0]
+        out = x.new_empty((t, len(ids), x.shape[-1]))
+        ones = torch.ones((t, 1), dtype=x.dtype, device=x.device)
+        for j, e in enumerate(ids):
+            idx = torch.full((t, 1), e, dtype=torch.long, device=x.device)
+            out[:, j] = module(x, idx, ones)
+        return out
+
+    def block_output(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The block's own forward on tokens ``x`` ``[T, d]`` -> ``[T, d]``."""
+        out = block(x.unsqueeze(0))
+        if isinstance(out, tuple):
+            out = out[0]
+        return out.reshape(x.shape)
+
+    # -- export ----------------------------------------------------------------------------------
+    def is_expert_tensor(self, name: str, tensor: torch.Tensor, n: int) -> bool:
+        """Whether a block state-dict entry holds one slice per routed expert (dim 0)."""
+        head, _, leaf = name.partition(".")
+        if head == self.experts_attr:
+            return tensor.dim() >= 1 and tensor.shape[0] == n
+        if head == self.router_attr:
+            return leaf in self.router_expert_tensors and tensor.dim() >= 1 and tensor.shape[0] == n
+        return False
+
+    def new_block(self, block: nn.Module, config: Any, layer_idx: int) -> nn.Module:
+        """An uninitialised (meta-device) block of the same class for ``config``."""
+        cls = type(block)
+        with torch.device("meta"):
+            try:
+                return cls(self.text_config(config))
+            except TypeError:
+                return cls(self.text_config(config), layer_idx)
+
+    def prune_block(self, block: nn.Module, kept: Sequence[int], pruned_config: Any, layer_idx: int) -> nn.Module:
+        """A new block keeping only experts ``kept`` (ascending ids); shared parts copied unchanged."""
+        n = self.block_num_experts(block)
+        kept = sorted(int(k) for k in kept)
+        if len(set(kept)) != len(kept) or not kept or kept[0] < 0 or kept[-1] >= n:
+            raise PipelineError(f"layer {layer_idx}: kept experts {kept} are not distinct ids below {n}")
+        state = block.state_dict()
+        any_tensor = next(iter(state.values()))
+        index = torch.tensor(kept, dtype=torch.long, device=any_tensor.device)
+        new_state = {
+            name: (t.index_select(0, index.to(t.device)).clone() if self.is_expert_tensor(name, t, n) else t)
+            for name, t in state.items()
+        }
+        new = self.new_block(block, pruned_config, layer_idx)
+        new.load_state_dict(new_state, strict=True, assign=True)
+        self._materialise_leftovers(new, block)
+        new.train(block.training)
+        return new
+
+    @staticmethod
+    def _materialise_leftovers(new: nn.Module, old: nn.Module) -> None:
+        """Copy non-persistent buffers (absent from state dicts) from ``old`` to ``new``."""
+        old_buffers = dict(old.named_buffers())
+        for name, buf in list(new.named_buffers()):
+            if buf.is_meta:
+                src = old_buffers.get(name)
+                if src is None or src.shape != buf.shape:
+                    raise PipelineError(f"cannot rebuild buffer {name} of {type(new).__name__} after pruning")
+                module_name, _, leaf = name.rpartition(".")
+                owner = new.get_submodule(module_name) if module_name else new
+                owner.register_buffer(leaf, src.clone(), persistent=False)
+        for name, param in new.named_parameters():
+            if param.is_meta:
+                raise PipelineError(f"parameter {name} of {type(new).__name__} was not restored after pruning")
+
+    def describe(self) -> dict[str, Any]:
+        """Facts about the family, for docs."""
+        return {
+            "family": self.family,
+            "model_types": list(self.model_types),
+            "num_experts_key": self.num_experts_key,
+            "shared_experts": list(self.shared_attrs),
+        }

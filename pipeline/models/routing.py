@@ -1,0 +1,111 @@
+"""Routing rules: router logits over a set of experts -> top-k weights and local expert indices.
+
+Each rule reproduces one family's router exactly (verified against the model's own router in the
+tests). A candidate kept set ``S`` is scored by applying the rule of the *pruned* config to the
+logits of ``S`` only, which is what the exported router (its rows sliced to ``S``) computes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+class RoutingRule(Protocol):
+    """Maps router logits ``[T, m]`` (and per-expert bias ``[m]``) to weights and indices ``[T, k]``."""
+
+    top_k: int
+
+    def __call__(self, logits: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(weights, indices)``; indices are positions in the given ``m`` experts."""
+        ...
+
+
+@dataclass(frozen=True)
+class SoftmaxTopK:
+    """``p = softmax(logits)``, top-k of ``p``, optionally renormalised, times ``scale``.
+
+    Mixtral (renormalised), Qwen1.5/Qwen2/Qwen3-MoE and OLMoE (``norm_topk_prob``), DeepSeek-V2
+    ``greedy`` (not renormalised, scaled by ``routed_scaling_factor``).
+    """
+
+    top_k: int
+    renormalize: bool
+    scale: float = 1.0
+    cast_to_logits_dtype: bool = False
+
+    def __call__(self, logits: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = torch.softmax(logits.float(), dim=-1)
+        weights, idx = torch.topk(probs, self.top_k, dim=-1)
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        if self.scale != 1.0:
+            weights = weights * self.scale
+        if self.cast_to_logits_dtype:
+            weights = weights.to(logits.dtype)
+        return weights, idx
+
+
+@dataclass(frozen=True)
+class GroupLimitedSoftmax:
+    """DeepSeek-V2 ``group_limited_greedy``: softmax, keep the ``topk_group`` groups with the best
+    maximum, top-k inside them, times ``scale``."""
+
+    top_k: int
+    n_group: int
+    topk_group: int
+    scale: float = 1.0
+
+    def __call__(self, logits: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = torch.softmax(logits.float(), dim=-1)
+        t, m = scores.shape
+        group_scores = scores.view(t, self.n_group, m // self.n_group).max(dim=-1).values
+        group_idx = torch.topk(group_scores, k=self.topk_group, dim=-1, sorted=False)[1]
+        mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0)
+        mask = mask.unsqueeze(-1).expand(t, self.n_group, m // self.n_group).reshape(t, m)
+        scores = scores.masked_fill(~mask.bool(), 0.0)
+        weights, idx = torch.topk(scores, k=self.top_k, dim=-1, sorted=False)
+        return weights * self.scale, idx
+
+
+@dataclass(frozen=True)
+class SigmoidBiasTopK:
+    """DeepSeek-V3 / GLM-4-MoE style: ``s = sigmoid(logits)``; experts chosen by ``s + bias`` inside
+    the ``topk_group`` best groups (group score = sum of its two best); weights are ``s`` of the
+    chosen experts, optionally renormalised, times ``scale``."""
+
+    top_k: int
+    n_group: int
+    topk_group: int
+    renormalize: bool
+    scale: float = 1.0
+
+    def __call__(self, logits: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = torch.sigmoid(logits.float())
+        choice = scores if bias is None else scores + bias.float()
+        t, m = choice.shape
+        if self.n_group > 1:
+            per = m // self.n_group
+            group_scores = choice.view(t, self.n_group, per).topk(2, dim=-1)[0].sum(dim=-1)
+            group_idx = torch.topk(group_scores, k=self.topk_group, dim=-1, sorted=False)[1]
+            mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0)
+            mask = mask.unsqueeze(-1).expand(t, self.n_group, per).reshape(t, m)
+            choice = choice.masked_fill(~mask.bool(), float("-inf"))
+        idx = torch.topk(choice, k=self.top_k, dim=-1, sorted=False)[1]
+        weights = scores.gather(1, idx)
+        if self.renormalize:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.scale, idx
+
+
+@dataclass(frozen=True)
+class TopKSoftmax:
+    """Top-k of the logits, softmax over those k (GraniteMoE, gpt-oss): renormalised by construction."""
+
+    top_k: int
+
+    def __call__(self, logits: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        values, idx = torch.topk(logits, self.top_k, dim=-1)
+        return torch.softmax(values.float(), dim=-1), idx

@@ -1,0 +1,63 @@
+"""Device, dtype and determinism settings shared by every stage."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+from pipeline.errors import PipelineError
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` is the first CUDA device when one is present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise PipelineError(f"runtime.device: {name} requested but no CUDA device is available (use auto or cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise PipelineError(f"runtime.device: {name} does not exist ({torch.cuda.device_count()} CUDA devices)")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device, key: str = "runtime.dtype") -> torch.dtype:
+    """``auto`` is bfloat16 on CUDA and float32 on CPU; a dtype the device cannot run is an error."""
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if name not in DTYPES:
+        raise PipelineError(f"{key}: unknown dtype {name!r} (allowed: auto, {', '.join(DTYPES)})")
+    dtype = DTYPES[name]
+    if device.type == "cpu" and dtype == torch.float16:
+        raise PipelineError(f"{key}: float16 is not supported on the CPU (use float32 or bfloat16)")
+    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise PipelineError(f"{key}: bfloat16 is not supported on {torch.cuda.get_device_name(device)} (use float16)")
+    return dtype
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def configure_threads(threads: int) -> None:
+    """Set torch's CPU thread count (0 keeps torch's default)."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``bfloat16``."""
+    return str(dtype).removeprefix("torch.")

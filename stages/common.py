@@ -1,0 +1,269 @@
+"""What every DVC stage script shares: params, the MLflow run with lineage tags, atomic outputs.
+
+A stage script is ``@stage(name, sections=..., upstream=...)`` on a function taking a
+:class:`StageContext`. The harness validates the whole params.yaml before any work, opens one MLflow
+run (FAILED when the stage raises), gives the stage a temporary output directory that replaces
+``outputs/<stage>/`` only on success, writes ``run.json`` there (read by downstream stages for
+lineage), and turns user errors into one line on stderr with exit status 2.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import functools
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.config import Params, flatten, load_params
+from pipeline.errors import PipelineError
+from pipeline.io import atomic_dir, read_json, write_json
+from pipeline.tracking import StageRun, default_tracking_uri
+
+ROOT = Path.cwd()
+OUTPUTS = Path("outputs")
+WORK = OUTPUTS / ".work"
+#: Output directory of stages whose directory name differs from the stage name.
+STAGE_DIRS = {"skip_calibration": "skip"}
+log = logging.getLogger("stages")
+
+
+@dataclass
+class StageContext:
+    """What a stage function gets: validated params, its temporary output dir, the MLflow run."""
+
+    name: str
+    params: Params
+    out: Path
+    run: StageRun
+    upstream_runs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def upstream_dir(self, stage: str) -> Path:
+        """Final output directory of an upstream stage."""
+        return stage_dir(stage)
+
+    def work_dir(self, key: Any) -> Path:
+        """A resumable scratch directory for this stage, named by the hash of ``key`` (its inputs)."""
+        from pipeline.io import scratch_dir
+
+        return scratch_dir(WORK / self.name, key)
+
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        """Log metrics to MLflow and keep them for ``metrics.json``."""
+        if step is None:
+            self.metrics.update(metrics)
+        self.run.log_metrics(metrics, step=step)
+
+
+def stage_dir(stage: str) -> Path:
+    """``outputs/<dir>`` of a stage."""
+    return OUTPUTS / STAGE_DIRS.get(stage, stage)
+
+
+# -- lineage -------------------------------------------------------------------------------------
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, check=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+def git_tags() -> dict[str, str]:
+    """Commit, dirty flag and DVC experiment name of the working tree."""
+    tags: dict[str, str] = {}
+    commit = _git("rev-parse", "HEAD")
+    if commit:
+        tags["git.commit"] = commit
+        status = _git("status", "--porcelain", "--untracked-files=no")
+        tags["git.dirty"] = str(bool(status))
+    for env in ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "DVC_ROOT"):
+        if os.environ.get(env):
+            tags[f"dvc.{env.lower()}"] = os.environ[env]
+    return tags
+
+
+def file_md5(path: Path) -> str:
+    """MD5 of a file's content (DVC 3's file hash)."""
+    digest = hashlib.md5()  # noqa: S324 - matches DVC's content hash, not used for security
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def dvc_md5(path: Path) -> str | None:
+    """The hash DVC records for a file or directory (``<md5>.dir`` for directories)."""
+    if path.is_file():
+        return file_md5(path)
+    if not path.is_dir():
+        return None
+    entries = [
+        {"md5": file_md5(p), "relpath": p.relative_to(path).as_posix()}
+        for p in sorted(path.rglob("*"))
+        if p.is_file() and p.name != ".gitignore"
+    ]
+    entries.sort(key=lambda e: e["relpath"])
+    return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"  # noqa: S324
+
+
+def stage_spec(name: str) -> dict[str, Any]:
+    """This stage's entry in dvc.yaml (empty when run outside the repo)."""
+    path = ROOT / "dvc.yaml"
+    if not path.is_file():
+        return {}
+    spec = yaml.safe_load(path.read_text()) or {}
+    return (spec.get("stages") or {}).get(name) or {}
+
+
+def _paths(entries: list[Any] | None) -> list[str]:
+    out: list[str] = []
+    for entry in entries or []:
+        out.append(next(iter(entry)) if isinstance(entry, dict) else str(entry))
+    return out
+
+
+def lock_hashes() -> dict[str, str]:
+    """``path -> md5`` of every out recorded in dvc.lock (what upstream stages produced)."""
+    path = ROOT / "dvc.lock"
+    if not path.is_file():
+        return {}
+    lock = yaml.safe_load(path.read_text()) or {}
+    hashes: dict[str, str] = {}
+    for stage in (lock.get("stages") or {}).values():
+        for out in stage.get("outs") or []:
+            if "md5" in out:
+                hashes[out["path"]] = out["md5"]
+    return hashes
+
+
+def dep_tags(name: str) -> dict[str, str]:
+    """``dvc.dep.<path>`` tags: dvc.lock's hash for upstream outputs, a fresh md5 for code files."""
+    recorded = lock_hashes()
+    tags: dict[str, str] = {}
+    for dep in _paths(stage_spec(name).get("deps")):
+        p = ROOT / dep
+        digest = recorded.get(dep) or (file_md5(p) if p.is_file() else None)
+        if digest:
+            tags[f"dvc.dep.{dep}"] = digest
+    return tags
+
+
+def out_tags(name: str) -> dict[str, str]:
+    """``dvc.out.<path>`` tags: the DVC hash of every output the stage declares."""
+    spec = stage_spec(name)
+    tags: dict[str, str] = {}
+    for key in ("outs", "metrics", "plots"):
+        for out in _paths(spec.get(key)):
+            digest = dvc_md5(ROOT / out)
+            if digest:
+                tags[f"dvc.out.{out}"] = digest
+    return tags
+
+
+def read_upstream(stages: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """``run.json`` of each upstream stage (a missing one means that stage never completed)."""
+    found: dict[str, dict[str, Any]] = {}
+    for up in stages:
+        path = stage_dir(up) / "run.json"
+        if not path.is_file():
+            raise PipelineError(f"{path} does not exist: run the {up!r} stage first (dvc repro {up})")
+        found[up] = read_json(path, what="upstream run record")
+    return found
+
+
+# -- the harness ---------------------------------------------------------------------------------
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("alembic", "mlflow", "httpx", "urllib3", "datasets", "filelock", "fsspec"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def stage(
+    name: str, sections: tuple[str, ...], upstream: tuple[str, ...] = ()
+) -> Callable[[Callable[[StageContext], None]], Callable[[], None]]:
+    """Decorator turning ``fn(ctx)`` into the stage's ``main()``."""
+
+    def decorate(fn: Callable[[StageContext], None]) -> Callable[[], None]:
+        @functools.wraps(fn)
+        def main() -> None:
+            _setup_logging()
+            try:
+                _run(name, sections, upstream, fn)
+            except PipelineError as exc:
+                print(f"error: {name}: {exc}", file=sys.stderr)
+                sys.exit(2)
+            except KeyboardInterrupt:
+                print(f"error: {name}: interrupted", file=sys.stderr)
+                sys.exit(130)
+
+        return main
+
+    return decorate
+
+
+def _run(name: str, sections: tuple[str, ...], upstream: tuple[str, ...], fn: Callable[[StageContext], None]) -> None:
+    started = time.time()
+    params = load_params(os.environ.get("PARAMS_FILE", "params.yaml"))
+    from pipeline.runtime import configure_threads
+
+    configure_threads(params.runtime.threads)
+    if params.runtime.trust_remote_code:
+        log.warning("runtime.trust_remote_code is true: transformers may run code from the model's repository")
+    ups = read_upstream(upstream)
+    dump = params.model_dump(mode="json")
+    flat: dict[str, Any] = {}
+    for section in sections:
+        flat.update(flatten(dump[section], f"{section}."))
+    flat.setdefault("model.source", params.model.source)
+    tags = {**git_tags(), **dep_tags(name)}
+    for up, record in ups.items():
+        if record.get("run_id"):
+            tags[f"upstream.{up}.run_id"] = record["run_id"]
+    run = StageRun(
+        name,
+        params.tracking.experiment,
+        default_tracking_uri(ROOT),
+        artifact_root=ROOT / "mlartifacts",
+        params=flat,
+        tags=tags,
+        enabled=params.tracking.enabled,
+    )
+    final = stage_dir(name)
+    with run:
+        with atomic_dir(final) as tmp:
+            ctx = StageContext(name=name, params=params, out=tmp, run=run, upstream_runs=ups)
+            fn(ctx)
+            if ctx.metrics and not (tmp / "metrics.json").exists():
+                write_json(tmp / "metrics.json", ctx.metrics)
+            record = {
+                "stage": name,
+                "run_id": run.run_id,
+                "experiment_id": run.experiment_id,
+                "experiment": params.tracking.experiment,
+                "tracking_uri": run.tracking_uri if run.enabled else None,
+                "upstream": {up: rec.get("run_id") for up, rec in ups.items()},
+                "git_commit": tags.get("git.commit"),
+                "finished": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+                "seconds": round(time.time() - started, 2),
+            }
+            write_json(tmp / "run.json", record)
+        run.set_tags(out_tags(name))
+        run.log_metrics({"stage_seconds": time.time() - started})
+    log.info("%s done in %.1fs -> %s", name, time.time() - started, final)
