@@ -365,7 +365,7 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(obj, BaseModel):
         obj = obj.model_dump(mode="json")
     out: dict[str, Any] = {}
-    if isinstance(obj, dict):
+    if isinstance(obj, dict) and obj:
         for key, value in obj.items():
             out.update(flatten(value, f"{prefix}{key}."))
         return out
