@@ -7,6 +7,7 @@ first stage that runs, with one line naming the key path and what is allowed.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -386,8 +387,8 @@ def schema_reference() -> list[tuple[str, str, str, str]]:
                 rows.append((key, "section", "", (sub.__doc__ or "").strip().splitlines()[0]))
                 walk(sub, key + ".")
                 continue
-            default = field.get_default(call_default_factory=True)
-            rows.append((key, _type_name(ann, field), "" if default is None else repr(default), field.description or ""))
+            default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+            rows.append((key, _type_name(ann, field), default, field.description or ""))
 
     walk(Params, "")
     return rows
@@ -399,7 +400,20 @@ def _section_type(ann: Any) -> type[BaseModel] | None:
     return None
 
 
+def _optional_bound(m: re.Match[str]) -> str:
+    sym = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}.get(m.group(3), m.group(3))
+    return f"{m.group(1)} ({sym} {m.group(4)}) or null"
+
+
 def _type_name(ann: Any, field: Any) -> str:
-    text = str(ann).replace("typing.", "").replace("pipeline.config.", "")
-    bounds = [str(m) for m in field.metadata]
-    return text + (" " + " ".join(bounds) if bounds else "")
+    text = re.sub(r"<class '([\w.]+)'>", r"\1", str(ann)).replace("typing.", "").replace("pipeline.config.", "")
+    text = re.sub(r"Literal\[([^\]]*)\]", lambda m: "one of " + m.group(1).replace("'", ""), text)
+    text = text.replace("Annotated[", "").replace("NoneType", "None")
+    text = re.sub(r"Optional\[(\w+), FieldInfo\(.*?metadata=\[(\w+)\((\w+)=([^)]*)\)\]\)\]\]", _optional_bound, text)
+    bounds = []
+    for meta in field.metadata:
+        for attr, sym in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"), ("min_length", "min length")):
+            value = getattr(meta, attr, None)
+            if value is not None:
+                bounds.append(f"{sym} {value}")
+    return text + (" (" + ", ".join(bounds) + ")" if bounds else "")

@@ -87,3 +87,13 @@ def test_flatten_dotted_keys(raw):
     flat = flatten(load_params(ROOT / "params.yaml"))
     assert flat["search.r"] == raw["search"]["r"]
     assert flat["model.embedded.train.seed"] == raw["model"]["embedded"]["train"]["seed"]
+
+
+def test_params_reference_doc_is_up_to_date():
+    """docs/params.md is generated from the schema; regenerate with scripts/params_doc.py."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("params_doc", ROOT / "scripts" / "params_doc.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert (ROOT / "docs" / "params.md").read_text() == module.render(), "run: python scripts/params_doc.py > docs/params.md"
