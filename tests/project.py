@@ -1,0 +1,117 @@
+"""Temporary copies of this repository for end-to-end tests with real git, DVC and MLflow."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+#: A params override that runs the whole chain on a tiny model in well under a minute per stage.
+TINY: dict[str, Any] = {
+    "corpus": {
+        "max_chars_per_domain": 60000,
+        "eval": {"mc_items_per_domain": 16, "ppl_docs_per_domain": 4, "ppl_doc_chars": 300},
+    },
+    "model": {
+        "embedded": {
+            "vocab_size": 512,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_layers": 2,
+            "num_heads": 4,
+            "num_kv_heads": 2,
+            "max_position_embeddings": 128,
+            "train": {"seq_len": 64, "batch_size": 8, "steps": 40, "warmup_steps": 4, "eval_tokens_per_domain": 2048},
+        }
+    },
+    "calibration": {
+        "sets": {
+            "general": {"num_samples": 8, "seq_len": 64},
+            "arith": {"num_samples": 8, "seq_len": 64},
+        }
+    },
+    "activations": {"batch_size": 4},
+    "search": {"token_chunk": 256},
+    "benchmark": {"limit": 8, "batch_size": 8, "speed": {"prompts": 1, "new_tokens": 4, "repeats": 1, "warmup": 0}},
+}
+
+
+def merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``override`` into a copy of ``base``."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def env(project: Path, **extra: str) -> dict[str, str]:
+    """Environment for commands in a project copy: this venv's tools first, offline, no telemetry."""
+    e = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_EXP_NAME")}
+    e.update(
+        PATH=f"{BIN}{os.pathsep}{e.get('PATH', '')}",
+        DVC_NO_ANALYTICS="1",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        PYTHONUNBUFFERED="1",
+        GIT_AUTHOR_NAME="test",
+        GIT_AUTHOR_EMAIL="test@example.com",
+        GIT_COMMITTER_NAME="test",
+        GIT_COMMITTER_EMAIL="test@example.com",
+    )
+    e.update(extra)
+    return e
+
+
+def run(project: Path, *args: str, check: bool = True, timeout: int = 900, **extra_env: str) -> subprocess.CompletedProcess[str]:
+    """Run a command in the project copy; on failure the output is in the assertion message."""
+    proc = subprocess.run(list(args), cwd=project, env=env(project, **extra_env), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def tracked_files() -> list[str]:
+    """Files git would commit: tracked plus untracked-but-not-ignored."""
+    out = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    return [line for line in out.stdout.splitlines() if (ROOT / line).is_file()]
+
+
+def make_project(dest: Path, override: Mapping[str, Any] | None = None) -> Path:
+    """A fresh git repository holding a copy of this project, with ``override`` merged into params.yaml."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for rel in tracked_files():
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, target)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    set_params(dest, merge(params, override or TINY))
+    run(dest, "git", "init", "-q")
+    run(dest, "git", "add", "-A")
+    run(dest, "git", "commit", "-qm", "test project")
+    return dest
+
+
+def set_params(project: Path, params: Mapping[str, Any]) -> None:
+    """Write params.yaml in the project copy."""
+    (project / "params.yaml").write_text(yaml.safe_dump(dict(params), sort_keys=False))
+
+
+def read_params(project: Path) -> dict[str, Any]:
+    """params.yaml of the project copy."""
+    return yaml.safe_load((project / "params.yaml").read_text())
