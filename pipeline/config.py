@@ -243,6 +243,7 @@ class SkipParams(Section):
 
     quantile: Fraction = 0.5
     calibration: str = Field("general", min_length=1)
+    batch_size: PosInt = 8
 
 
 class SpeedParams(Section):
