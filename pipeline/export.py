@@ -299,7 +299,7 @@ def prune_model(
         adapter.set_moe_block(layer, new.to(home))
         check = acc.result(i)
         checks.append(check)
-        log.info("layer %d: exported block vs Z_hat(S): relative error %.3g, max abs %.3g", i, check.rel_error, check.max_abs_error)
+        log.info("layer %d: export vs Z_hat(S): relative error %.3g, max abs %.3g", i, check.rel_error, check.max_abs_error)
         if not check.rel_error <= tol:
             raise PipelineError(
                 f"layer {i}: the exported MoE block's output differs from the search's Z_hat(S) on the cached "
@@ -384,6 +384,7 @@ def model_card(
     bytes_after: int,
     checks: Sequence[LayerCheck] = (),
     model_type: str = "",
+    source_fingerprint: str | None = None,
 ) -> str:
     """README.md of the exported checkpoint: what was removed, the losses, how it was made and loaded."""
     n, r = selection.num_experts, selection.r
@@ -405,7 +406,7 @@ def model_card(
         "## How it was made",
         "",
         f"- strategy: `{selection.strategy}`, mode: `{selection.mode}`, calibration set: `{selection.calibration}`",
-        f"- source model fingerprint: `{selection.model_fingerprint}`",
+        f"- source model fingerprint: `{source_fingerprint or selection.model_fingerprint}`",
         f"- selection SHA-256: `{selection.sha256}`",
         "- the router keeps only the rows of the kept experts (ascending original id); shared experts are unchanged",
         "",
@@ -530,6 +531,7 @@ def export_pruned(
         bytes_after=bytes_after,
         checks=checks,
         model_type=str(getattr(model.config, "model_type", "")),
+        source_fingerprint=source_fingerprint,
     )
     files = save_checkpoint(model, out_dir, tokenizer=tokenizer, max_shard_size=max_shard_size, card=card)
     return ExportReport(

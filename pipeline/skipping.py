@@ -53,7 +53,10 @@ log = logging.getLogger(__name__)
 #: Config key holding the per-layer thresholds (``{"<layer>": beta}``) in a skip-enabled checkpoint.
 CONFIG_KEY = "expert_skip_thresholds"
 #: Short name of the rule, recorded with the thresholds.
-RULE = "ratio: keep the first i experts, smallest i with sum(w[i+1:k]) / sum(w[1:i]) < beta; beta = quantile of w_k / sum(w[1:k-1])"
+RULE = (
+    "ratio: keep the first i experts, smallest i with sum(w[i+1:k]) / sum(w[1:i]) < beta; "
+    "beta = quantile of w_k / sum(w[1:k-1])"
+)
 #: Experts implementation whose dispatch loop skips sentinel slots.
 EAGER = "eager"
 
@@ -202,7 +205,10 @@ def calibrate_thresholds(
         raise PipelineError("expert skipping needs top_k >= 2 (a top-1 model has nothing to skip)")
     out: dict[int, float] = {}
     device = torch.device(device)
-    for step in stream_layers(model, adapter, input_ids, batch_size=batch_size, device=device, progress=progress, desc="skip thresholds"):
+    stream = stream_layers(
+        model, adapter, input_ids, batch_size=batch_size, device=device, progress=progress, desc="skip thresholds"
+    )
+    for step in stream:
         if step.block is None:
             continue
         stats = []
@@ -402,7 +408,10 @@ def measure_skipping(
     in a full forward pass), so the whole model need not fit on ``device``.
     """
     with enable(model, thresholds, adapter) as handle:
-        for _ in stream_layers(model, adapter, input_ids, batch_size=batch_size, device=torch.device(device), progress=progress, desc="skip measure"):
+        device = torch.device(device)
+        for _ in stream_layers(
+            model, adapter, input_ids, batch_size=batch_size, device=device, progress=progress, desc="skip measure"
+        ):
             pass
         return handle.stats()
 

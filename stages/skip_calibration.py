@@ -11,6 +11,8 @@ import gc
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from pipeline.errors import PipelineError
 from pipeline.io import load_tensors, read_json, write_json
 from pipeline.models import get_adapter
@@ -20,21 +22,28 @@ from pipeline.skipping import RULE, calibrate_thresholds, measure_skipping, writ
 from stages.common import StageContext, stage, stage_dir
 
 
-def _thresholds_and_stats(path: Path, input_ids: Any, ctx: StageContext, label: str) -> tuple[dict[int, float], dict[str, Any]]:
+def calibrate(ctx: StageContext, path: Path, input_ids: torch.Tensor, label: str) -> tuple[dict[int, float], dict[str, Any]]:
+    """Thresholds of the model at ``path`` and the skipping measured with them; logs both."""
     p = ctx.params
     device = resolve_device(p.runtime.device)
-    dtype = resolve_dtype(p.runtime.dtype, device)
-    model = load_model(path, dtype=dtype, device="cpu", trust_remote_code=p.runtime.trust_remote_code)
+    model = load_model(path, dtype=resolve_dtype(p.runtime.dtype, device), trust_remote_code=p.runtime.trust_remote_code)
     adapter = get_adapter(model.config)
     thresholds = calibrate_thresholds(model, adapter, input_ids, p.skip.quantile, p.skip.batch_size, device)
     stats = measure_skipping(model, adapter, input_ids, thresholds, p.skip.batch_size, device)
     del model
     gc.collect()
     metrics = {f"beta/{label}/layer_{i}": b for i, b in thresholds.items()}
-    metrics.update({f"{key}/{label}": stats[key] for key in ("skipped_fraction", "second_expert_skipped_fraction", "evals_per_token")})
-    metrics.update({f"second_expert_skipped/{label}/layer_{i}": s["second_expert_skipped_fraction"] for i, s in stats["layers"].items()})
+    for key in ("skipped_fraction", "second_expert_skipped_fraction", "evals_per_token"):
+        metrics[f"{key}/{label}"] = stats[key]
+    for i, layer in stats["layers"].items():
+        metrics[f"second_expert_skipped/{label}/layer_{i}"] = layer["second_expert_skipped_fraction"]
     ctx.log_metrics(metrics)
-    return thresholds, stats
+    summary = {
+        "slots": stats["skipped_fraction"],
+        "second_expert": stats["second_expert_skipped_fraction"],
+        "layers": {i: layer["second_expert_skipped_fraction"] for i, layer in stats["layers"].items()},
+    }
+    return thresholds, summary
 
 
 @stage("skip_calibration", sections=("skip", "runtime"), upstream=("model", "calibration", "export"))
@@ -46,19 +55,14 @@ def main(ctx: StageContext) -> None:
     input_ids = load_tensors(calib, what="calibration set")["input_ids"]
     exported = stage_dir("export") / "model"
     manifest = ModelManifest.load(stage_dir("model") / "manifest.json")
-    made_from = (read_json(exported / "config.json", what="exported model config").get("pruning") or {}).get("source_fingerprint")
-    if made_from != manifest.fingerprint:
-        raise PipelineError(f"{exported}: exported from model {made_from}, the model stage's is {manifest.fingerprint} (rerun: dvc repro export)")
-    pruned, pruned_stats = _thresholds_and_stats(exported, input_ids, ctx, "pruned")
-    original, original_stats = _thresholds_and_stats(Path(manifest.path), input_ids, ctx, "original")
-    summary = {
-        label: {
-            "slots": s["skipped_fraction"],
-            "second_expert": s["second_expert_skipped_fraction"],
-            "layers": {i: v["second_expert_skipped_fraction"] for i, v in s["layers"].items()},
-        }
-        for label, s in (("pruned", pruned_stats), ("original", original_stats))
-    }
+    pruning = read_json(exported / "config.json", what="exported model config").get("pruning") or {}
+    if pruning.get("source_fingerprint") != manifest.fingerprint:
+        raise PipelineError(
+            f"{exported}: exported from model {pruning.get('source_fingerprint')}, the model stage's is "
+            f"{manifest.fingerprint} (rerun: dvc repro export)"
+        )
+    pruned, pruned_summary = calibrate(ctx, exported, input_ids, "pruned")
+    original, original_summary = calibrate(ctx, Path(manifest.path), input_ids, "original")
     write_json(
         ctx.out / "thresholds.json",
         {
@@ -67,7 +71,7 @@ def main(ctx: StageContext) -> None:
             "rule": RULE,
             "pruned": {str(i): b for i, b in pruned.items()},
             "original": {str(i): b for i, b in original.items()},
-            "skipped_fraction": summary,
+            "skipped_fraction": {"pruned": pruned_summary, "original": original_summary},
         },
     )
     write_skip_checkpoint(exported, ctx.out / "model", pruned)

@@ -127,7 +127,8 @@ def test_exported_block_equals_search_zhat(tmp_path: Path, model_type: str) -> N
         if block is None:
             continue
         x = xs[i].reshape(-1, xs[i].shape[-1])
-        expected = search_output(adapter, adapter.moe_block(adapter.decoder_layers(original)[i]), original.config, x, selection.kept[i])
+        original_block = adapter.moe_block(adapter.decoder_layers(original)[i])
+        expected = search_output(adapter, original_block, original.config, x, selection.kept[i])
         with torch.no_grad():
             got = adapter.block_output(block, x)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
@@ -255,7 +256,12 @@ def test_crash_while_saving_keeps_previous_checkpoint(tmp_path: Path) -> None:
     model = tiny_model()
     with pytest.raises(PipelineError, match="no space left on device"):
         export_pruned(
-            model, adapter, Selection.from_dict(selection_dict(model, r=5)), out, tokenizer=DiskFullTokenizer(), progress=False
+            model,
+            adapter,
+            Selection.from_dict(selection_dict(model, r=5)),
+            out,
+            tokenizer=DiskFullTokenizer(),
+            progress=False,
         )
     assert {p.name: p.read_bytes() for p in out.iterdir()} == previous
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
