@@ -23,7 +23,8 @@ Skipped slots are rewritten to the sentinel expert id ``n`` (the block's expert 
 by a router hook (``adapter.add_router_transform``). transformers' ``eager`` experts loop skips
 sentinel slots, so those experts are never computed; the grouped/batched kernels honour sentinels
 only under expert parallelism, so :func:`enable` switches the model to the ``eager`` experts
-implementation and restores the previous one on removal. Every MoE block's experts module is
+implementation (unless every threshold is 0, which skips nothing) and restores the previous one on
+removal. Every MoE block's experts module is
 hooked to count the (token, expert) pairs it actually receives.
 """
 
@@ -270,8 +271,8 @@ class SkipHandle:
     # -- installation ----------------------------------------------------------------------------
     def _install(self) -> None:
         layers = self.adapter.decoder_layers(self.model)
-        if self.thresholds is not None:
-            self._use_eager()
+        if self.thresholds is not None and any(b > 0 for b in self.thresholds.values()):
+            self._use_eager()  # all-zero thresholds skip nothing: the implementation can stay
         try:
             for i in self.adapter.moe_layer_indices(self.model):
                 block = self.adapter.moe_block(layers[i])
