@@ -244,6 +244,7 @@ class SkipParams(Section):
 
     quantile: Fraction = 0.5
     calibration: str = Field("general", min_length=1)
+    batch_size: PosInt = 8
 
 
 class SpeedParams(Section):

@@ -181,6 +181,28 @@ class MoEAdapter:
             return leaf in self.router_expert_tensors and tensor.dim() >= 1 and tensor.shape[0] == n
         return False
 
+    def slice_expert_state(self, state: dict[str, torch.Tensor], kept: Sequence[int], n: int) -> dict[str, torch.Tensor]:
+        """A block state dict keeping only experts ``kept`` (ascending ids), renumbered ``0..r-1``.
+
+        Handles fused experts (one tensor with a leading expert dimension, sliced along it) and
+        experts stored as a module list (``<experts>.<j>.<param>`` entries, kept ones renumbered).
+        """
+        position = {int(old): new for new, old in enumerate(kept)}
+        prefix = self.experts_attr + "."
+        out: dict[str, torch.Tensor] = {}
+        for name, t in state.items():
+            if name.startswith(prefix):
+                head, _, rest = name[len(prefix) :].partition(".")
+                if head.isdigit() and rest:
+                    if int(head) in position:
+                        out[f"{prefix}{position[int(head)]}.{rest}"] = t
+                    continue
+            if self.is_expert_tensor(name, t, n):
+                out[name] = t.index_select(0, torch.tensor(list(position), dtype=torch.long, device=t.device))
+            else:
+                out[name] = t
+        return out
+
     def new_block(self, block: nn.Module, config: Any, layer_idx: int) -> nn.Module:
         """An uninitialised (meta-device) block of the same class for ``config``."""
         cls = type(block)
@@ -196,13 +218,7 @@ class MoEAdapter:
         kept = sorted(int(k) for k in kept)
         if len(set(kept)) != len(kept) or not kept or kept[0] < 0 or kept[-1] >= n:
             raise PipelineError(f"layer {layer_idx}: kept experts {kept} are not distinct ids below {n}")
-        state = block.state_dict()
-        any_tensor = next(iter(state.values()))
-        index = torch.tensor(kept, dtype=torch.long, device=any_tensor.device)
-        new_state = {
-            name: (t.index_select(0, index.to(t.device)).clone() if self.is_expert_tensor(name, t, n) else t)
-            for name, t in state.items()
-        }
+        new_state = self.slice_expert_state(block.state_dict(), kept, n)
         new = self.new_block(block, pruned_config, layer_idx)
         new.load_state_dict(new_state, strict=True, assign=True)
         self._materialise_leftovers(new, block)

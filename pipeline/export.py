@@ -1,0 +1,563 @@
+"""Physically remove pruned experts and save a standard Hugging Face checkpoint.
+
+The model is pruned in place, one MoE layer at a time (the router's rows and the experts of the
+kept set are sliced by the adapter), so peak memory is one copy of the model plus one layer. The
+saved checkpoint sets the config's expert count to ``r``, keeps ``top_k``, and records the kept
+original expert ids (``kept_experts``) and how they were chosen (``pruning``) in ``config.json``;
+it loads with ``AutoModelForCausalLM.from_pretrained`` and no custom code.
+
+Equivalence check: given each MoE layer's cached inputs ``X``, the pruned block's own forward is
+compared with ``Z_hat(S)`` computed the way the search scores a kept set (the adapter's ``route``
+with ``kept`` plus the unweighted expert outputs, plus any shared-expert part). A mismatch means
+the search optimised a different model from the one shipped, and is an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from pipeline.errors import PipelineError
+from pipeline.io import atomic_dir, dumps_json, read_json, sha256_bytes
+from pipeline.models.base import MoEAdapter
+
+log = logging.getLogger(__name__)
+
+#: Config keys the export adds to ``config.json``.
+KEPT_KEY = "kept_experts"
+PRUNING_KEY = "pruning"
+
+#: Relative Frobenius error allowed between the exported block and ``Z_hat(S)``, per dtype.
+TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+
+
+# -- the selection ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Selection:
+    """The search's choice: which original experts each MoE layer keeps (``selection.json``)."""
+
+    r: int
+    num_experts: int
+    top_k: int
+    kept: dict[int, list[int]]
+    strategy: str = "unknown"
+    mode: str = "unknown"
+    calibration: str | None = None
+    model_fingerprint: str | None = None
+    losses: dict[int, float] = field(default_factory=dict)
+    baselines: dict[int, dict[str, Any]] = field(default_factory=dict)
+    sha256: str = ""
+    origin: str = "selection"
+
+    @classmethod
+    def from_dict(cls, data: Any, origin: str = "selection", sha256: str | None = None) -> Selection:
+        """Parse the documented ``selection.json`` layout; a malformed file is a one-line error."""
+        if not isinstance(data, Mapping):
+            raise PipelineError(f"{origin}: must be a JSON object, got {type(data).__name__}")
+        for key in ("r", "num_experts", "top_k", "layers"):
+            if key not in data:
+                raise PipelineError(f"{origin}: missing key {key!r}")
+        r, n, k = data["r"], data["num_experts"], data["top_k"]
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (r, n, k)):
+            raise PipelineError(f"{origin}: r, num_experts and top_k must be integers")
+        layers = data["layers"]
+        if not isinstance(layers, list) or not layers:
+            raise PipelineError(f"{origin}: 'layers' must be a non-empty list")
+        kept: dict[int, list[int]] = {}
+        losses: dict[int, float] = {}
+        baselines: dict[int, dict[str, Any]] = {}
+        for entry in layers:
+            if not isinstance(entry, Mapping) or "layer" not in entry or "kept" not in entry:
+                raise PipelineError(f"{origin}: every entry of 'layers' needs 'layer' and 'kept'")
+            layer, ids = entry["layer"], entry["kept"]
+            if not isinstance(layer, int) or isinstance(layer, bool):
+                raise PipelineError(f"{origin}: layer {layer!r} is not an integer")
+            if layer in kept:
+                raise PipelineError(f"{origin}: layer {layer} is listed twice")
+            if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+                raise PipelineError(f"{origin}: layer {layer}: 'kept' must be a list of expert ids")
+            kept[layer] = sorted(ids)
+            if isinstance(entry.get("loss"), int | float):
+                losses[layer] = float(entry["loss"])
+            if isinstance(entry.get("baselines"), Mapping):
+                baselines[layer] = dict(entry["baselines"])
+        if sha256 is None:
+            sha256 = sha256_bytes(dumps_json(data).encode())
+        return cls(
+            r=r,
+            num_experts=n,
+            top_k=k,
+            kept=dict(sorted(kept.items())),
+            strategy=str(data.get("strategy", "unknown")),
+            mode=str(data.get("mode", "unknown")),
+            calibration=data.get("calibration"),
+            model_fingerprint=data.get("model_fingerprint"),
+            losses=losses,
+            baselines=baselines,
+            sha256=sha256,
+            origin=origin,
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> Selection:
+        """Read ``selection.json`` (its SHA-256 is the file's)."""
+        path = Path(path)
+        data = read_json(path, what="selection")
+        return cls.from_dict(data, origin=str(path), sha256=sha256_bytes(path.read_bytes()))
+
+    @classmethod
+    def identity(cls, model: nn.Module, adapter: MoEAdapter) -> Selection:
+        """Keep every expert of every MoE layer (``r = n``): exporting it must not change the model."""
+        n = adapter.num_experts(model.config)
+        layers = [{"layer": i, "kept": list(range(n))} for i in adapter.moe_layer_indices(model)]
+        data = {"r": n, "num_experts": n, "top_k": adapter.top_k(model.config), "strategy": "identity", "layers": layers}
+        return cls.from_dict(data, origin="identity selection")
+
+
+def validate_selection(
+    selection: Selection,
+    *,
+    moe_layers: Sequence[int],
+    num_experts: int,
+    top_k: int,
+    fingerprint: str | None = None,
+) -> None:
+    """Check a selection against the model it will prune; raise one line naming what differs.
+
+    Call before any work: a selection made for another model, another depth or another expert
+    count must never produce a checkpoint.
+    """
+    where = selection.origin
+    if fingerprint is not None and selection.model_fingerprint not in (None, fingerprint):
+        raise PipelineError(
+            f"{where}: made for model {selection.model_fingerprint}, but the model is {fingerprint} "
+            "(rerun the search for this model)"
+        )
+    if selection.num_experts != num_experts:
+        raise PipelineError(f"{where}: made for {selection.num_experts} experts per layer, the model has {num_experts}")
+    if selection.top_k != top_k:
+        raise PipelineError(f"{where}: made for top_k={selection.top_k}, the model routes to {top_k} experts")
+    if selection.r < top_k:
+        raise PipelineError(f"{where}: r={selection.r} is below the model's top_k={top_k} (keep at least top_k experts)")
+    if selection.r > num_experts:
+        raise PipelineError(f"{where}: r={selection.r} exceeds the model's {num_experts} experts")
+    if sorted(selection.kept) != sorted(moe_layers):
+        raise PipelineError(
+            f"{where}: lists MoE layers {sorted(selection.kept)}, the model's MoE layers are {sorted(moe_layers)}"
+        )
+    for layer, ids in selection.kept.items():
+        if len(ids) != selection.r:
+            raise PipelineError(f"{where}: layer {layer} keeps {len(ids)} experts, expected r={selection.r}")
+        if len(set(ids)) != len(ids) or ids[0] < 0 or ids[-1] >= num_experts:
+            raise PipelineError(f"{where}: layer {layer}: kept ids {ids} must be distinct and in 0..{num_experts - 1}")
+
+
+def validate_for_model(selection: Selection, model: nn.Module, adapter: MoEAdapter, fingerprint: str | None = None) -> None:
+    """:func:`validate_selection` against a loaded model's structure and config."""
+    validate_selection(
+        selection,
+        moe_layers=adapter.moe_layer_indices(model),
+        num_experts=adapter.num_experts(model.config),
+        top_k=adapter.top_k(model.config),
+        fingerprint=fingerprint,
+    )
+
+
+# -- Z_hat(S) and the equivalence check ------------------------------------------------------------
+@torch.no_grad()
+def routed_output(
+    adapter: MoEAdapter, block: nn.Module, config: Any, x: torch.Tensor, kept: Sequence[int] | None = None
+) -> torch.Tensor:
+    """``sum_i w_i E_i(x)`` over the routed experts when only ``kept`` remain, in float32 ``[T, d]``.
+
+    Weights and ids come from ``adapter.route`` (what the search scores), expert outputs from
+    ``adapter.expert_outputs`` on ``block`` (the unpruned block; ids are its own).
+    """
+    weights, ids = adapter.route(block, adapter.router_logits(block, x), config, kept)
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for expert in torch.unique(ids).tolist():
+        tok, slot = (ids == expert).nonzero(as_tuple=True)
+        y = adapter.expert_outputs(block, x[tok], [expert])[:, 0].float()
+        out.index_add_(0, tok, y * weights[tok, slot].float().unsqueeze(-1))
+    return out
+
+
+@torch.no_grad()
+def search_output(
+    adapter: MoEAdapter, block: nn.Module, config: Any, x: torch.Tensor, kept: Sequence[int] | None = None
+) -> torch.Tensor:
+    """``Z_hat(S)``: the block's output keeping ``kept`` as the search computes it, float32 ``[T, d]``.
+
+    Shared experts (never pruned) contribute the block output minus its routed part.
+    """
+    out = routed_output(adapter, block, config, x, kept)
+    if adapter.shared_attrs:
+        full = adapter.block_output(block, x).float()
+        out += full - routed_output(adapter, block, config, x, None)
+    return out
+
+
+@dataclass(frozen=True)
+class LayerCheck:
+    """Exported block vs ``Z_hat(S)`` on one layer's cached inputs."""
+
+    layer: int
+    tokens: int
+    rel_error: float
+    max_abs_error: float
+
+
+class _ErrorAccumulator:
+    def __init__(self) -> None:
+        self.diff_sq = 0.0
+        self.ref_sq = 0.0
+        self.max_abs = 0.0
+        self.tokens = 0
+
+    def add(self, got: torch.Tensor, ref: torch.Tensor) -> None:
+        diff = got.double() - ref.double()
+        self.diff_sq += float(diff.pow(2).sum())
+        self.ref_sq += float(ref.double().pow(2).sum())
+        self.max_abs = max(self.max_abs, float(diff.abs().max())) if diff.numel() else self.max_abs
+        self.tokens += int(ref.shape[0])
+
+    def result(self, layer: int) -> LayerCheck:
+        rel = math.sqrt(self.diff_sq / self.ref_sq) if self.ref_sq > 0 else math.sqrt(self.diff_sq)
+        return LayerCheck(layer=layer, tokens=self.tokens, rel_error=rel, max_abs_error=self.max_abs)
+
+
+# -- pruning in place ------------------------------------------------------------------------------
+def _adopt_config(model: nn.Module, old: Any, new: Any) -> None:
+    """Point every module that held ``old`` (or one of its sub-configs) at ``new`` (or its counterpart)."""
+    mapping = {id(old): new}
+    for key in getattr(old, "sub_configs", None) or {}:
+        old_sub, new_sub = getattr(old, key, None), getattr(new, key, None)
+        if old_sub is not None and new_sub is not None:
+            mapping[id(old_sub)] = new_sub
+    for module in model.modules():
+        cfg = module.__dict__.get("config")
+        if cfg is not None and id(cfg) in mapping:
+            module.config = mapping[id(cfg)]
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+@torch.no_grad()
+def prune_model(
+    model: nn.Module,
+    adapter: MoEAdapter,
+    selection: Selection,
+    *,
+    inputs: Callable[[int], torch.Tensor] | None = None,
+    device: torch.device | str | None = None,
+    tolerance: float | None = None,
+    token_chunk: int = 8192,
+    source_fingerprint: str | None = None,
+    progress: bool = True,
+) -> list[LayerCheck]:
+    """Remove the experts ``selection`` drops, in place, and record the selection in the config.
+
+    ``inputs(layer)`` returns that MoE layer's cached block inputs (``[..., d]``); when given, the
+    pruned block's forward is checked against ``Z_hat(S)`` on them (on ``device``), and a relative
+    error above ``tolerance`` (default: per dtype) is a :class:`PipelineError`. On any error the
+    model may be left partly pruned; discard it. Returns the per-layer checks.
+    """
+    validate_for_model(selection, model, adapter, source_fingerprint)
+    config = model.config
+    pruned_config = adapter.pruned_config(config, selection.r)
+    layers = adapter.decoder_layers(model)
+    dtype = next(model.parameters()).dtype
+    tol = TOLERANCE.get(dtype, 1e-2) if tolerance is None else tolerance
+    checks: list[LayerCheck] = []
+    for i in tqdm(list(selection.kept), desc="export", unit="layer", disable=not progress, leave=False):
+        layer = layers[i]
+        block = adapter.moe_block(layer)
+        kept = selection.kept[i]
+        if inputs is None:
+            adapter.set_moe_block(layer, adapter.prune_block(block, kept, pruned_config, i))
+            continue
+        home = _device_of(block)
+        dev = torch.device(device) if device is not None else home
+        x = inputs(i)
+        x = x.reshape(-1, x.shape[-1])
+        new = adapter.prune_block(block.to(dev), kept, pruned_config, i)
+        acc = _ErrorAccumulator()
+        for s in range(0, x.shape[0], token_chunk):
+            chunk = x[s : s + token_chunk].to(dev, dtype)
+            acc.add(adapter.block_output(new, chunk).float(), search_output(adapter, block, config, chunk, kept))
+        del block
+        adapter.set_moe_block(layer, new.to(home))
+        check = acc.result(i)
+        checks.append(check)
+        log.info("layer %d: export vs Z_hat(S): relative error %.3g, max abs %.3g", i, check.rel_error, check.max_abs_error)
+        if not check.rel_error <= tol:
+            raise PipelineError(
+                f"layer {i}: the exported MoE block's output differs from the search's Z_hat(S) on the cached "
+                f"inputs (relative error {check.rel_error:.3g} > tolerance {tol:g}); the search scored a "
+                "different routing than the exported model runs"
+            )
+    _adopt_config(model, config, pruned_config)
+    setattr(model.config, KEPT_KEY, {str(i): list(ids) for i, ids in selection.kept.items()})
+    setattr(
+        model.config,
+        PRUNING_KEY,
+        {
+            "strategy": selection.strategy,
+            "mode": selection.mode,
+            "r": selection.r,
+            "num_experts_original": selection.num_experts,
+            "top_k": selection.top_k,
+            "calibration": selection.calibration,
+            "selection_sha256": selection.sha256,
+            "source_fingerprint": source_fingerprint or selection.model_fingerprint,
+        },
+    )
+    return checks
+
+
+# -- sizes, model card, saving ---------------------------------------------------------------------
+def parameter_stats(model: nn.Module) -> tuple[int, int]:
+    """``(parameters, bytes)`` of the model's weights (tied weights counted once)."""
+    count = size = 0
+    for p in model.parameters():
+        count += p.numel()
+        size += p.numel() * p.element_size()
+    return count, size
+
+
+@dataclass
+class ExportReport:
+    """What the export did: sizes before and after, equivalence checks, files written."""
+
+    params_before: int
+    params_after: int
+    bytes_before: int
+    bytes_after: int
+    checks: list[LayerCheck]
+    files: list[str]
+    disk_bytes: int
+
+    def metrics(self) -> dict[str, float]:
+        """Flat metrics for MLflow / ``metrics.json``."""
+        out: dict[str, float] = {
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "param_reduction": 1.0 - self.params_after / self.params_before,
+            "bytes_before": self.bytes_before,
+            "bytes_after": self.bytes_after,
+            "bytes_reduction": 1.0 - self.bytes_after / self.bytes_before,
+            "checkpoint_bytes": self.disk_bytes,
+        }
+        if self.checks:
+            out["equivalence_max_rel_error"] = max(c.rel_error for c in self.checks)
+            out["equivalence_max_abs_error"] = max(c.max_abs_error for c in self.checks)
+            for c in self.checks:
+                out[f"equivalence_rel_error/layer_{c.layer}"] = c.rel_error
+        return out
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def model_card(
+    selection: Selection,
+    *,
+    source: str,
+    params_before: int,
+    params_after: int,
+    bytes_before: int,
+    bytes_after: int,
+    checks: Sequence[LayerCheck] = (),
+    model_type: str = "",
+    source_fingerprint: str | None = None,
+) -> str:
+    """README.md of the exported checkpoint: what was removed, the losses, how it was made and loaded."""
+    n, r = selection.num_experts, selection.r
+    baseline_names = sorted({name for b in selection.baselines.values() for name in b})
+    check_by_layer = {c.layer: c for c in checks}
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [mixture-of-experts, expert-pruning]",
+        "---",
+        "",
+        f"# {Path(source).name or source}: {r} of {n} experts per MoE layer",
+        "",
+        f"Expert-pruned version of `{source}`{f' ({model_type})' if model_type else ''}: every MoE layer keeps "
+        f"{r} of its {n} routed experts (top-{selection.top_k} routing unchanged), chosen to minimise the "
+        "reconstruction loss of the layer's output on calibration data (Lu et al., 2024, *Not All Experts are "
+        "Equal*).",
+        "",
+        "## How it was made",
+        "",
+        f"- strategy: `{selection.strategy}`, mode: `{selection.mode}`, calibration set: `{selection.calibration}`",
+        f"- source model fingerprint: `{source_fingerprint or selection.model_fingerprint}`",
+        f"- selection SHA-256: `{selection.sha256}`",
+        "- the router keeps only the rows of the kept experts (ascending original id); shared experts are unchanged",
+        "",
+        "## Size",
+        "",
+        "| | parameters | weight bytes |",
+        "|---|---:|---:|",
+        f"| original | {params_before:,} | {_fmt_bytes(bytes_before)} |",
+        f"| pruned | {params_after:,} | {_fmt_bytes(bytes_after)} |",
+        "",
+        "## Kept experts per layer",
+        "",
+        "Original expert ids; `config.json` holds the same map under `kept_experts`.",
+        "",
+    ]
+    header = "| layer | kept | dropped | loss |" + "".join(f" {b} loss |" for b in baseline_names)
+    if checks:
+        header += " export vs search (rel. error) |"
+    lines += [header, "|" + "---|" * (header.count("|") - 1)]
+    for layer, ids in selection.kept.items():
+        dropped = sorted(set(range(n)) - set(ids))
+        loss = selection.losses.get(layer)
+        row = f"| {layer} | {ids} | {dropped} | {'' if loss is None else f'{loss:.6g}'} |"
+        for b in baseline_names:
+            value = selection.baselines.get(layer, {}).get(b, {})
+            value = value.get("loss") if isinstance(value, Mapping) else None
+            row += f" {'' if not isinstance(value, int | float) else f'{value:.6g}'} |"
+        if checks:
+            c = check_by_layer.get(layer)
+            row += f" {'' if c is None else f'{c.rel_error:.2e}'} |"
+        lines.append(row)
+    lines += [
+        "",
+        "## Loading",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "model = AutoModelForCausalLM.from_pretrained(PATH)  # no trust_remote_code needed",
+        "tokenizer = AutoTokenizer.from_pretrained(PATH)",
+        "```",
+        "",
+        "Dynamic expert skipping (when `config.json` has `expert_skip_thresholds`):",
+        "",
+        "```python",
+        "from pipeline import skipping",
+        "with skipping.enable(model) as handle:",
+        "    model.generate(...)",
+        "print(handle.stats())",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def checkpoint_files_bytes(path: Path) -> int:
+    """Bytes of the safetensors files in a checkpoint directory."""
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
+def save_checkpoint(
+    model: nn.Module,
+    out_dir: str | Path,
+    *,
+    tokenizer: Any = None,
+    max_shard_size: str | int = "5GB",
+    card: str | None = None,
+) -> list[str]:
+    """Save model (safetensors, sharded), tokenizer and model card; ``out_dir`` is replaced atomically."""
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        try:
+            model.save_pretrained(tmp, max_shard_size=max_shard_size)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+        except ValueError as exc:
+            raise PipelineError(f"cannot save the checkpoint to {out_dir}: {exc}") from None
+        if card is not None:
+            (tmp / "README.md").write_text(card, encoding="utf-8")
+        files = sorted(p.name for p in tmp.iterdir())
+    return files
+
+
+def export_pruned(
+    model: nn.Module,
+    adapter: MoEAdapter,
+    selection: Selection,
+    out_dir: str | Path,
+    *,
+    tokenizer: Any = None,
+    source: str = "",
+    source_fingerprint: str | None = None,
+    max_shard_size: str | int = "5GB",
+    inputs: Callable[[int], torch.Tensor] | None = None,
+    device: torch.device | str | None = None,
+    tolerance: float | None = None,
+    progress: bool = True,
+) -> ExportReport:
+    """Validate ``selection``, prune ``model`` in place, check it on ``inputs``, save it to ``out_dir``.
+
+    ``out_dir`` is written atomically (a directory already there, complete or half-written by a
+    crash, is replaced as a whole; on error it is left untouched).
+    """
+    validate_for_model(selection, model, adapter, source_fingerprint)
+    params_before, bytes_before = parameter_stats(model)
+    checks = prune_model(
+        model,
+        adapter,
+        selection,
+        inputs=inputs,
+        device=device,
+        tolerance=tolerance,
+        source_fingerprint=source_fingerprint,
+        progress=progress,
+    )
+    params_after, bytes_after = parameter_stats(model)
+    card = model_card(
+        selection,
+        source=source or str(getattr(model.config, "_name_or_path", "") or "model"),
+        params_before=params_before,
+        params_after=params_after,
+        bytes_before=bytes_before,
+        bytes_after=bytes_after,
+        checks=checks,
+        model_type=str(getattr(model.config, "model_type", "")),
+        source_fingerprint=source_fingerprint,
+    )
+    files = save_checkpoint(model, out_dir, tokenizer=tokenizer, max_shard_size=max_shard_size, card=card)
+    return ExportReport(
+        params_before=params_before,
+        params_after=params_after,
+        bytes_before=bytes_before,
+        bytes_after=bytes_after,
+        checks=checks,
+        files=files,
+        disk_bytes=checkpoint_files_bytes(Path(out_dir)),
+    )
+
+
+__all__ = [
+    "KEPT_KEY",
+    "PRUNING_KEY",
+    "ExportReport",
+    "LayerCheck",
+    "Selection",
+    "export_pruned",
+    "model_card",
+    "parameter_stats",
+    "prune_model",
+    "routed_output",
+    "save_checkpoint",
+    "search_output",
+    "validate_for_model",
+    "validate_selection",
+]

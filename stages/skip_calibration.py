@@ -1,0 +1,83 @@
+"""Stage skip_calibration: per-layer skip thresholds for the pruned and the original model.
+
+Reads outputs/export/model, outputs/model/manifest.json and the calibration set skip.calibration;
+writes outputs/skip/thresholds.json and outputs/skip/model/ (the exported checkpoint with
+expert_skip_thresholds in its config, weights hard-linked).
+"""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.errors import PipelineError
+from pipeline.io import load_tensors, read_json, write_json
+from pipeline.models import get_adapter
+from pipeline.models.loading import ModelManifest, load_model
+from pipeline.runtime import resolve_device, resolve_dtype
+from pipeline.skipping import RULE, calibrate_thresholds, measure_skipping, write_skip_checkpoint
+from stages.common import StageContext, stage, stage_dir
+
+
+def calibrate(ctx: StageContext, path: Path, input_ids: torch.Tensor, label: str) -> tuple[dict[int, float], dict[str, Any]]:
+    """Thresholds of the model at ``path`` and the skipping measured with them; logs both."""
+    p = ctx.params
+    device = resolve_device(p.runtime.device)
+    model = load_model(path, dtype=resolve_dtype(p.runtime.dtype, device), trust_remote_code=p.runtime.trust_remote_code)
+    adapter = get_adapter(model.config)
+    thresholds = calibrate_thresholds(model, adapter, input_ids, p.skip.quantile, p.skip.batch_size, device)
+    stats = measure_skipping(model, adapter, input_ids, thresholds, p.skip.batch_size, device)
+    del model
+    gc.collect()
+    metrics = {f"beta/{label}/layer_{i}": b for i, b in thresholds.items()}
+    for key in ("skipped_fraction", "second_expert_skipped_fraction", "evals_per_token"):
+        metrics[f"{key}/{label}"] = stats[key]
+    for i, layer in stats["layers"].items():
+        metrics[f"second_expert_skipped/{label}/layer_{i}"] = layer["second_expert_skipped_fraction"]
+    ctx.log_metrics(metrics)
+    summary = {
+        "slots": stats["skipped_fraction"],
+        "second_expert": stats["second_expert_skipped_fraction"],
+        "layers": {i: layer["second_expert_skipped_fraction"] for i, layer in stats["layers"].items()},
+    }
+    return thresholds, summary
+
+
+@stage("skip_calibration", sections=("skip", "runtime"), upstream=("model", "calibration", "export"))
+def main(ctx: StageContext) -> None:
+    name = ctx.params.skip.calibration
+    calib = stage_dir("calibration") / f"{name}.safetensors"
+    if not calib.is_file():
+        raise PipelineError(f"skip.calibration: {calib} does not exist (run: dvc repro calibration)")
+    input_ids = load_tensors(calib, what="calibration set")["input_ids"]
+    exported = stage_dir("export") / "model"
+    manifest = ModelManifest.load(stage_dir("model") / "manifest.json")
+    pruning = read_json(exported / "config.json", what="exported model config").get("pruning") or {}
+    if pruning.get("source_fingerprint") != manifest.fingerprint:
+        raise PipelineError(
+            f"{exported}: exported from model {pruning.get('source_fingerprint')}, the model stage's is "
+            f"{manifest.fingerprint} (rerun: dvc repro export)"
+        )
+    pruned, pruned_summary = calibrate(ctx, exported, input_ids, "pruned")
+    original, original_summary = calibrate(ctx, Path(manifest.path), input_ids, "original")
+    write_json(
+        ctx.out / "thresholds.json",
+        {
+            "quantile": ctx.params.skip.quantile,
+            "calibration": name,
+            "rule": RULE,
+            "pruned": {str(i): b for i, b in pruned.items()},
+            "original": {str(i): b for i, b in original.items()},
+            "skipped_fraction": {"pruned": pruned_summary, "original": original_summary},
+        },
+    )
+    write_skip_checkpoint(exported, ctx.out / "model", pruned)
+    ctx.run.log_artifact(ctx.out / "thresholds.json")
+    ctx.run.log_reference("model", stage_dir("skip_calibration") / "model")
+
+
+if __name__ == "__main__":
+    main()
