@@ -412,6 +412,15 @@ def input_ids_fingerprint(input_ids: torch.Tensor) -> str:
     return sha256_bytes(repr(tuple(input_ids.shape)).encode() + data)[:16]
 
 
+def check_seq_len(name: str, spec: CalibrationSet, max_positions: int | None) -> None:
+    """A set's shape must be non-empty and fit the model's position range."""
+    set_key = f"calibration.sets.{name}"
+    if spec.num_samples < 1:
+        raise PipelineError(f"{set_key}.num_samples: must be at least 1 (got {spec.num_samples})")
+    if max_positions is not None and spec.seq_len > max_positions:
+        raise PipelineError(f"{set_key}.seq_len: {spec.seq_len} exceeds the model's max_position_embeddings={max_positions}")
+
+
 def build_set(
     name: str,
     spec: CalibrationSet,
@@ -424,12 +433,7 @@ def build_set(
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """The ``input_ids`` ``[num_samples, seq_len]`` of one set and its manifest (nothing is written)."""
     set_key = f"calibration.sets.{name}"
-    if spec.num_samples < 1:
-        raise PipelineError(f"{set_key}.num_samples: must be at least 1 (got {spec.num_samples})")
-    if max_positions is not None and spec.seq_len > max_positions:
-        raise PipelineError(
-            f"{set_key}.seq_len: {spec.seq_len} exceeds the model's max_position_embeddings={max_positions}"
-        )
+    check_seq_len(name, spec, max_positions)
     sources = open_sources(spec, set_key, corpus_dir, cache_dir)
     counts = allocate(spec.num_samples, [s.weight for s in sources])
     sep = separator_token(tokenizer)
@@ -486,6 +490,8 @@ def build_calibration_sets(
     cache_dir: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Build every set of ``calibration.sets``; all are built before any file is written."""
+    for name, spec in params.sets.items():  # fail before any tokenising
+        check_seq_len(name, spec, max_positions)
     built: dict[str, tuple[torch.Tensor, dict[str, Any]]] = {}
     for name, spec in params.sets.items():
         ids, manifest = build_set(
