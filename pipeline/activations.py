@@ -257,16 +257,16 @@ def cache_activations(
     ``on_layer`` is called after each MoE layer's shard is complete; ``on_step`` after it, with the
     :class:`LayerStep` (it may replace the block: progressive mode).
     """
-    work = Path(work_dir)
-    layers_dir, state_dir = work / LAYERS_DIR, work / STATE_DIR
-    for folder in (layers_dir, state_dir):
-        folder.mkdir(parents=True, exist_ok=True)
-        _clean_temporaries(folder)
     if input_ids.dim() != 2 or input_ids.shape[0] == 0:
         raise PipelineError(f"calibration input_ids must be a non-empty [num_samples, seq_len] tensor, got {tuple(input_ids.shape)}")
     moe_layers = adapter.moe_layer_indices(model)
     if not moe_layers:
         raise PipelineError(f"{type(model).__name__} has no MoE layers to cache")
+    work = Path(work_dir)
+    layers_dir, state_dir = work / LAYERS_DIR, work / STATE_DIR
+    for folder in (layers_dir, state_dir):
+        folder.mkdir(parents=True, exist_ok=True)
+        _clean_temporaries(folder)
     device = torch.device(device)
     num_samples, seq_len = (int(s) for s in input_ids.shape)
     hidden_size = int(adapter.text_config(model.config).hidden_size)

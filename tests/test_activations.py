@@ -229,3 +229,21 @@ def test_progressive_mode_feeds_the_pruned_model(model: Any, input_ids: torch.Te
     torch.testing.assert_close(x0, original_ref[0], rtol=1e-5, atol=1e-5)  # layer 0's input is not affected
     torch.testing.assert_close(x1, pruned_ref[1], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(x1, original_ref[1], atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_cache_matches_cpu_and_resumes_identically(input_ids: torch.Tensor, tmp_path: Path) -> None:
+    cpu_run = run_cache(tiny_model("mixtral", layers=3, seed=1), input_ids, tmp_path / "cpu")
+    clean = run_cache(tiny_model("mixtral", layers=3, seed=1), input_ids, tmp_path / "clean", device="cuda")
+    for i in clean.moe_layers:
+        torch.testing.assert_close(load_file(str(clean.files[i]))["x"], load_file(str(cpu_run.files[i]))["x"], rtol=1e-3, atol=1e-3)
+
+    def crash(info: Any) -> None:
+        if info.layer == 1:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run_cache(tiny_model("mixtral", layers=3, seed=1), input_ids, tmp_path / "work", device="cuda", on_layer=crash)
+    resumed = run_cache(tiny_model("mixtral", layers=3, seed=1), input_ids, tmp_path / "work", device="cuda")
+    assert resumed.start_layer == 1 and shard_bytes(tmp_path / "work") == shard_bytes(tmp_path / "clean")

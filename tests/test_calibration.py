@@ -130,14 +130,17 @@ def test_local_json_parquet_txt_give_the_same_documents(tokenizer: Any, tmp_path
         assert torch.equal(results[suffix], results["json"]), suffix
 
 
-def test_hub_source_from_a_local_dataset_directory(tokenizer: Any, tmp_path: Path, cache_dir: str) -> None:
+@pytest.mark.parametrize("streaming", [False, True])
+def test_hub_source_from_a_local_dataset_directory(tokenizer: Any, tmp_path: Path, cache_dir: str, streaming: bool) -> None:
     repo = tmp_path / "my_dataset"
     repo.mkdir()
     write_jsonl(repo / "train.jsonl", docs(25))
-    spec = make_set(sources=[{"type": "hub", "id": str(repo), "split": "train"}])
+    spec = make_set(sources=[{"type": "hub", "id": str(repo), "split": "train", "streaming": streaming}])
     ids, manifest = build_set("hubset", spec, tokenizer, seed=0, corpus_dir=tmp_path, cache_dir=cache_dir)
+    again, _ = build_set("hubset", spec, tokenizer, seed=0, corpus_dir=tmp_path, cache_dir=cache_dir)
     rec = manifest["sources"][0]
-    assert tuple(ids.shape) == (6, 16) and rec["type"] == "hub" and rec["rows"] == 25 and rec["dataset_fingerprint"]
+    assert tuple(ids.shape) == (6, 16) and torch.equal(ids, again)
+    assert rec["type"] == "hub" and rec["rows"] == (None if streaming else 25) and rec["dataset_fingerprint"]
 
 
 def test_weighted_mixture_of_source_kinds(tokenizer: Any, corpus_dir: Path, tmp_path: Path, cache_dir: str) -> None:
@@ -322,3 +325,17 @@ def test_a_failing_set_writes_nothing(tokenizer: Any, corpus_dir: Path, tmp_path
     with pytest.raises(PipelineError, match="calibration.sets.bad.seq_len"):
         build_calibration_sets(params, tokenizer, out, corpus_dir=corpus_dir, max_positions=32)
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_documented_examples_are_valid_params() -> None:
+    import re
+
+    import yaml
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "calibration.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", text, flags=re.S)
+    assert len(blocks) == 3
+    for block in blocks:
+        raw = yaml.safe_load(block)
+        params = CalibrationParams.model_validate(raw["calibration"])
+        assert params.sets
