@@ -151,6 +151,7 @@ class HubSource(Section):
     split: str = "train"
     text_field: str = "text"
     revision: str | None = None
+    data_files: list[str] | None = None  # files inside the dataset repo, e.g. one C4 shard
     streaming: bool = False
     weight: Annotated[float, Field(gt=0.0)] = 1.0
 

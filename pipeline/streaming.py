@@ -161,6 +161,7 @@ def stream_layers(
     hidden = captured.hidden if start_hidden is None else [h.to(device) for h in start_hidden]
     if len(hidden) != len(captured.hidden):
         raise ValueError("start_hidden must have one tensor per micro-batch")
+    captured.hidden = []  # drop this reference so layer 0's inputs are freed once the stream moves on
     tokens = int(input_ids.numel())
     bar = tqdm(range(start_layer, len(layers)), desc=desc, unit="layer", disable=not progress, leave=False)
     for i in bar:
@@ -175,6 +176,7 @@ def stream_layers(
             outs, _ = _run_layer(layer, step.block, hidden, captured.layer_kwargs[i], capture=False)
         layer.to(home)
         hidden = outs
+        del step, moe_in  # free this layer's inputs before the next layer runs
         rate = bar.format_dict.get("rate")
         if rate:
             bar.set_postfix(tok_s=f"{tokens * rate:,.0f}")
