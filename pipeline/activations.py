@@ -469,10 +469,6 @@ class ActivationCache:
                 )
         return x
 
-    def layer(self, i: int) -> torch.Tensor:
-        """Alias of :meth:`load`."""
-        return self.load(i)
-
 
 __all__ = [
     "ActivationCache",

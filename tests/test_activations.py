@@ -156,7 +156,7 @@ def test_commit_and_reader(model: Any, input_ids: torch.Tensor, tmp_path: Path) 
     x = cache.load(1)
     assert x.dtype == torch.bfloat16 and x.shape == (N, L, model.config.hidden_size)
     torch.testing.assert_close(x, reference[1].to(torch.bfloat16))
-    assert torch.equal(cache.layer(1), x)
+    assert torch.equal(cache.load(1), x)
 
     with pytest.raises(PipelineError, match=r"activations were made from another model .*rerun the activations stage"):
         ActivationCache(out, expected_model_fingerprint="other")
