@@ -87,8 +87,11 @@ def _safetensors_header(path: Path) -> bytes:
         return fh.read(size)
 
 
+_SAMPLE = 1 << 20
+
+
 def checkpoint_fingerprint(path: str | os.PathLike[str]) -> str:
-    """A short hash of a checkpoint's config and its safetensors headers and sizes (cheap for any size)."""
+    """A short hash of a checkpoint's config, safetensors headers and sizes, and weight samples (cheap at any size)."""
     root = Path(path)
     digest = hashlib.sha256()
     config = root / "config.json"
@@ -99,9 +102,14 @@ def checkpoint_fingerprint(path: str | os.PathLike[str]) -> str:
         cfg.pop(volatile, None)
     digest.update(json.dumps(cfg, sort_keys=True).encode())
     for file in sorted(root.glob("*.safetensors")):
+        size = file.stat().st_size
         digest.update(file.name.encode())
-        digest.update(str(file.stat().st_size).encode())
+        digest.update(str(size).encode())
         digest.update(_safetensors_header(file))
+        with open(file, "rb") as fh:  # weight samples: a retrained model of the same shape differs here
+            for offset in sorted({0, max(0, size // 2 - _SAMPLE // 2), max(0, size - _SAMPLE)}):
+                fh.seek(offset)
+                digest.update(fh.read(_SAMPLE))
     return digest.hexdigest()[:16]
 
 
