@@ -18,8 +18,6 @@ states, which is the progressive mode of the search.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import hashlib
 import json
 import logging
@@ -216,25 +214,6 @@ def _shard_sha(path: Path) -> str:
     return digest
 
 
-def release_freed_memory() -> None:
-    """Return freed heap pages to the OS (glibc ``malloc_trim``); a no-op elsewhere.
-
-    Hidden states are freed and reallocated once per layer; without trimming, glibc keeps the
-    freed blocks and the process's resident memory creeps up over the first layers.
-    """
-    global _TRIM
-    if _TRIM is None:
-        try:
-            _TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _TRIM = False
-    if _TRIM:
-        _TRIM(0)
-
-
-_TRIM: Any = None
-
-
 @torch.no_grad()
 def cache_activations(
     model: nn.Module,
@@ -347,7 +326,6 @@ def _stream(
                 on_step(step)
             step.moe_input.clear()
             del step
-            release_freed_memory()
             tick = time.perf_counter()
             if i >= last:
                 break

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import random
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,3 +64,22 @@ def configure_threads(threads: int) -> None:
 def dtype_name(dtype: torch.dtype) -> str:
     """``torch.bfloat16`` -> ``bfloat16``."""
     return str(dtype).removeprefix("torch.")
+
+
+_TRIM: Any = None
+
+
+def release_freed_memory() -> None:
+    """Return freed heap pages to the OS (glibc ``malloc_trim``); a no-op elsewhere.
+
+    Hidden states are freed and reallocated once per layer; without trimming, glibc keeps the
+    freed blocks and the process's resident memory creeps up over the first layers.
+    """
+    global _TRIM
+    if _TRIM is None:
+        try:
+            _TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)

@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pipeline.models.base import MoEAdapter
+from pipeline.runtime import release_freed_memory
 
 
 class _Stop(Exception):
@@ -177,6 +178,7 @@ def stream_layers(
         layer.to(home)
         hidden = outs
         del step, moe_in  # free this layer's inputs before the next layer runs
+        release_freed_memory()
         rate = bar.format_dict.get("rate")
         if rate:
             bar.set_postfix(tok_s=f"{tokens * rate:,.0f}")
