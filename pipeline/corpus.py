@@ -35,7 +35,18 @@ SPLITS = ("train", "validation", "test")
 #: Standard-library folders left out: tests (huge, repetitive), IDLE and lib2to3 (fixtures), vendored packages.
 #: encodings (codec tables) and pydoc_data (the help text, used as prose) are data, not code.
 _SKIPPED_DIRS = frozenset(
-    {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__", "ensurepip", "encodings", "pydoc_data"}
+    {
+        "site-packages",
+        "dist-packages",
+        "test",
+        "tests",
+        "idlelib",
+        "lib2to3",
+        "__pycache__",
+        "ensurepip",
+        "encodings",
+        "pydoc_data",
+    }
 )
 _MIN_DOCSTRING_CHARS = 80
 
@@ -131,9 +142,7 @@ def stdlib_files(root: Path | None = None) -> list[Path]:
     root = Path(sysconfig.get_paths()["stdlib"]) if root is None else root
     if not root.is_dir():
         raise PipelineError(f"the Python standard library folder {root} does not exist")
-    files = [
-        p for p in root.rglob("*.py") if not (_SKIPPED_DIRS & set(p.relative_to(root).parts[:-1]))
-    ]
+    files = [p for p in root.rglob("*.py") if not (_SKIPPED_DIRS & set(p.relative_to(root).parts[:-1]))]
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
@@ -340,8 +349,28 @@ def arith_documents(settings: CorpusSettings) -> list[Document]:
     return _take(streams(), "arith", settings)
 
 
-_FIRST = ("Ada", "Alan", "Grace", "Linus", "Guido", "Barbara", "Edsger", "Donald", "Frances", "Ken", "Dennis",
-          "Margaret", "John", "Radia", "Tim", "Sophie", "Niklaus", "Leslie", "Hedy", "Claude")
+_FIRST = (
+    "Ada",
+    "Alan",
+    "Grace",
+    "Linus",
+    "Guido",
+    "Barbara",
+    "Edsger",
+    "Donald",
+    "Frances",
+    "Ken",
+    "Dennis",
+    "Margaret",
+    "John",
+    "Radia",
+    "Tim",
+    "Sophie",
+    "Niklaus",
+    "Leslie",
+    "Hedy",
+    "Claude",
+)
 _CITY = ("Oslo", "Lima", "Pune", "Lyon", "Kyoto", "Accra", "Quito", "Perth", "Turin", "Leeds", "Cusco", "Graz")
 _ITEM = ("bolt", "gear", "valve", "cable", "lamp", "pump", "relay", "sensor", "switch", "fan", "fuse", "hinge")
 _STATUS = ("ok", "late", "lost", "open", "closed", "pending")
@@ -378,7 +407,9 @@ def data_documents(settings: CorpusSettings) -> list[Document]:
             lines, size = [], 0
             as_json = rng.random() < 0.5
             while size < settings.doc_chars - 150:
-                line = _json_record(rng, rng.randint(1000, 99999)) if as_json else _csv_block(rng, rng.randint(1, 9000), 5)
+                line = (
+                    _json_record(rng, rng.randint(1000, 99999)) if as_json else _csv_block(rng, rng.randint(1, 9000), 5)
+                )
                 lines.append(line)
                 size += len(line) + 1
             yield f"generated:data:{'jsonl' if as_json else 'csv'}:{i}", "\n".join(lines)
@@ -552,7 +583,9 @@ def _mc_item(context: str, truth: str, distractors: list[str], rng: random.Rando
     return {"context": context, "choices": choices, "label": label}
 
 
-def build_eval(corpus: Corpus, domains: Sequence[str], settings: EvalSettings, seed: int) -> dict[str, dict[str, list[dict[str, Any]]]]:
+def build_eval(
+    corpus: Corpus, domains: Sequence[str], settings: EvalSettings, seed: int
+) -> dict[str, dict[str, list[dict[str, Any]]]]:
     """Per domain, ``{"mc": [...], "ppl": [...]}`` from the test split (items carry ids)."""
     out: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for domain in domains:
@@ -601,7 +634,10 @@ def _source_kind(source: str) -> str:
 
 
 def corpus_manifest(
-    corpus: Corpus, evals: dict[str, dict[str, list[dict[str, Any]]]], settings: CorpusSettings, eval_settings: EvalSettings
+    corpus: Corpus,
+    evals: dict[str, dict[str, list[dict[str, Any]]]],
+    settings: CorpusSettings,
+    eval_settings: EvalSettings,
 ) -> dict[str, Any]:
     """Domains, documents and characters per split and domain, sources, eval files, fingerprint."""
     sources: dict[str, dict[str, Any]] = {}
@@ -615,11 +651,19 @@ def corpus_manifest(
         "domains": list(settings.domains),
         "splits": corpus.stats(),
         "sources": {
-            d: {"documents_by_kind": dict(sorted(e["documents_by_kind"].items())), "distinct_sources": len(e["distinct_sources"])}
+            d: {
+                "documents_by_kind": dict(sorted(e["documents_by_kind"].items())),
+                "distinct_sources": len(e["distinct_sources"]),
+            }
             for d, e in sorted(sources.items())
         },
         "eval": {
-            d: {"mc_file": f"eval/{d}_mc.jsonl", "mc_items": len(e["mc"]), "ppl_file": f"eval/{d}_ppl.jsonl", "ppl_docs": len(e["ppl"])}
+            d: {
+                "mc_file": f"eval/{d}_mc.jsonl",
+                "mc_items": len(e["mc"]),
+                "ppl_file": f"eval/{d}_ppl.jsonl",
+                "ppl_docs": len(e["ppl"]),
+            }
             for d, e in evals.items()
         },
         "settings": {**asdict(settings), "domains": list(settings.domains), "eval": asdict(eval_settings)},

@@ -295,10 +295,9 @@ def train_model(
     model.to(device).train()
     config = model.config
     opt = _optimizer(model, settings.lr, settings.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, settings.warmup_steps, settings.steps)
-    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, settings.warmup_steps, settings.steps))
     coef = settings.router_aux_loss_coef
+    model_coef = float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
     losses: list[dict[str, float]] = []
     tokens = 0
     started = time.perf_counter()
@@ -308,7 +307,8 @@ def train_model(
             batch = batch.to(device)
             out = model(input_ids=batch, labels=batch, output_router_logits=True, use_cache=False)
             aux = _aux_loss(out, config)
-            lm_loss = out.loss if out.aux_loss is None else out.loss - coef * out.aux_loss
+            # the model's loss already holds its own coef * aux when it computes one
+            lm_loss = out.loss if out.aux_loss is None else out.loss - model_coef * out.aux_loss
             loss = lm_loss if aux is None else lm_loss + coef * aux
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -317,12 +317,22 @@ def train_model(
             opt.step()
             sched.step()
             tokens += batch.numel()
-            record = {"step": step, "loss": float(lm_loss.detach()), "aux_loss": float(aux.detach()) if aux is not None else 0.0, "lr": lr}
+            record = {
+                "step": step,
+                "loss": float(lm_loss.detach()),
+                "aux_loss": float(aux.detach()) if aux is not None else 0.0,
+                "lr": lr,
+            }
             losses.append(record)
             if on_step is not None:
                 on_step(step, {"train_loss": record["loss"], "router_aux_loss": record["aux_loss"], "lr": lr})
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}")
+            if bar.disable and (step + 1) % max(1, settings.steps // 10) == 0:
+                rate = tokens / (time.perf_counter() - started)
+                log.info(
+                    "step %d/%d: loss %.3f, lr %.2e, %.0f tokens/s", step + 1, settings.steps, record["loss"], lr, rate
+                )
     bar.close()
     seconds = time.perf_counter() - started
     model.eval()
@@ -409,7 +419,9 @@ def evaluate_domains(
                 logits = model(input_ids=batch, use_cache=False).logits.float()
                 targets = batch[:, 1:]
                 nll += float(
-                    nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+                    nn.functional.cross_entropy(
+                        logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
+                    )
                 )
                 base += unigram.nll(targets.cpu())
                 count += targets.numel()
@@ -431,7 +443,9 @@ def routing_records(routing: dict[str, dict[int, list[float]]]) -> list[dict[str
         for layer, counts in layers.items():
             total = sum(counts) or 1.0
             for expert, c in enumerate(counts):
-                rows.append({"domain": domain, "layer": layer, "expert": expert, "count": int(c), "fraction": c / total})
+                rows.append(
+                    {"domain": domain, "layer": layer, "expert": expert, "count": int(c), "fraction": c / total}
+                )
     return rows
 
 
@@ -484,9 +498,11 @@ def plot_routing(routing: dict[str, dict[int, list[float]]], path: Path, title_e
             total = sum(counts) or 1.0
             xs = [e - 0.4 + width * (j + 0.5) for e in range(n)]
             ax.bar(xs, [c / total for c in counts], width=width, label=domain)
-        ax.axhline(1.0 / n, color="grey", linestyle="--", linewidth=0.8)
+        ax.axhline(1.0 / n, color="grey", linestyle="--", linewidth=0.8, label="uniform (1/n)")
         jsd = divergence.get(layer)
-        ax.set_title(f"layer {layer}" + (f" (JSD between domains {jsd:.3f} bits)" if jsd is not None else ""), fontsize=10)
+        ax.set_title(
+            f"layer {layer}" + (f" (JSD between domains {jsd:.3f} bits)" if jsd is not None else ""), fontsize=10
+        )
         ax.set_xlabel("expert")
         ax.set_ylabel("share of top-k choices")
         ax.set_xticks(range(n))
@@ -509,7 +525,9 @@ def plot_perplexity(results: dict[str, dict[str, float]], path: Path) -> None:
     xs = range(len(domains))
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.bar([x - 0.2 for x in xs], [results[d]["perplexity"] for d in domains], width=0.4, label="model")
-    ax.bar([x + 0.2 for x in xs], [results[d]["unigram_perplexity"] for d in domains], width=0.4, label="unigram baseline")
+    ax.bar(
+        [x + 0.2 for x in xs], [results[d]["unigram_perplexity"] for d in domains], width=0.4, label="unigram baseline"
+    )
     ax.set_yscale("log")
     ax.set_xticks(list(xs), domains)
     ax.set_xlabel("domain")
@@ -577,7 +595,8 @@ def train_embedded(
     settings = shape.train
     if settings.seq_len > shape.max_position_embeddings:
         raise PipelineError(
-            f"model.embedded.train.seq_len: {settings.seq_len} exceeds max_position_embeddings={shape.max_position_embeddings}"
+            f"model.embedded.train.seq_len: {settings.seq_len} exceeds "
+            f"max_position_embeddings={shape.max_position_embeddings}"
         )
     out = Path(out_dir)
     ckpt, plots = out / "checkpoint", out / "plots"
@@ -589,7 +608,9 @@ def train_embedded(
         raise PipelineError(f"model.embedded.vocab_size: tokenizer has {len(tokenizer)} entries")
     train_blocks = pack(encode(tokenizer, train_texts), settings.seq_len)
     tokenize_s = time.perf_counter() - started
-    log.info("tokenizer: %d entries; train: %d blocks of %d tokens", len(tokenizer), train_blocks.shape[0], settings.seq_len)
+    log.info(
+        "tokenizer: %d entries; train: %d blocks of %d tokens", len(tokenizer), train_blocks.shape[0], settings.seq_len
+    )
 
     config = build_config(shape, tokenizer.eos_token_id, settings.router_aux_loss_coef)
     model = build_model(config, settings.seed)

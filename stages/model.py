@@ -33,7 +33,9 @@ def run(ctx: StageContext) -> None:
         for plot in result.plots:
             ctx.run.log_artifact(plot, artifact_path="plots")
     else:
-        manifest = adopt_source_model(p.source, p.revision, ctx.out / "checkpoint", ctx.params.runtime.trust_remote_code)
+        manifest = adopt_source_model(
+            p.source, p.revision, ctx.out / "checkpoint", ctx.params.runtime.trust_remote_code
+        )
         atomic_write_text(ctx.out / "plots" / "README.md", "No plots: the model was not trained by the pipeline.\n")
     ctx.log_metrics(
         {

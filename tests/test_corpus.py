@@ -30,8 +30,17 @@ from pipeline.errors import PipelineError
 
 REPO = Path(__file__).resolve().parents[1]
 ALL = ("prose", "code", "arith", "data")
-SMALL = CorpusSettings(domains=ALL, seed=7, max_chars_per_domain=24_000, doc_chars=400, validation_fraction=0.1, test_fraction=0.15)
-EVAL = EvalSettings(mc_items_per_domain=20, mc_choices=4, context_chars=80, continuation_chars=30, ppl_docs_per_domain=3, ppl_doc_chars=200)
+SMALL = CorpusSettings(
+    domains=ALL, seed=7, max_chars_per_domain=24_000, doc_chars=400, validation_fraction=0.1, test_fraction=0.15
+)
+EVAL = EvalSettings(
+    mc_items_per_domain=20,
+    mc_choices=4,
+    context_chars=80,
+    continuation_chars=30,
+    ppl_docs_per_domain=3,
+    ppl_doc_chars=200,
+)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +54,11 @@ def evals(corpus):
 
 
 def _tree_digest(root: Path) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_same_params_give_byte_identical_outputs(tmp_path, corpus, evals):
@@ -192,7 +205,9 @@ def _params(tmp_path: Path, **corpus_overrides) -> Path:
 
 def _run_stage(stage: str, cwd: Path, params: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "PARAMS_FILE": str(params)}
-    return subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", f"stages.{stage}"], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_corpus_stage_writes_the_declared_outputs(tmp_path):

@@ -37,7 +37,9 @@ from tests.factory import save_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 DOMAINS = ("prose", "code", "arith")
-TINY_TRAIN = TrainParams(seq_len=32, batch_size=16, steps=80, lr=1e-2, warmup_steps=8, eval_tokens_per_domain=1024, seed=3)
+TINY_TRAIN = TrainParams(
+    seq_len=32, batch_size=16, steps=80, lr=1e-2, warmup_steps=8, eval_tokens_per_domain=1024, seed=3
+)
 TINY = EmbeddedModelParams(
     vocab_size=320,
     hidden_size=32,
@@ -105,7 +107,14 @@ def test_tiny_training_beats_unigram_and_loads_with_auto_classes(trained):
 def test_routing_histograms_and_plots(trained):
     out, result, _ = trained
     plots = out / "plots"
-    for name in ("routing.json", "routing.png", "perplexity.json", "perplexity.png", "train_loss.json", "train_loss.png"):
+    for name in (
+        "routing.json",
+        "routing.png",
+        "perplexity.json",
+        "perplexity.png",
+        "train_loss.json",
+        "train_loss.png",
+    ):
         assert (plots / name).is_file(), name
     rows = json.loads((plots / "routing.json").read_text())
     per_domain_layer: dict[tuple[str, int], int] = {}
@@ -153,8 +162,11 @@ def test_every_architecture_trains_a_step_and_routes_top_k(architecture):
     config = build_config(shape, 0, 0.02)
     model = build_model(config, seed=0)
     ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain = float(model(input_ids=ids, labels=ids).loss)
     stats = train_model(model, ids, TrainParams(seq_len=16, batch_size=2, steps=1, warmup_steps=0), torch.device("cpu"))
     assert stats.losses[0]["aux_loss"] > 0, "router load-balancing loss missing"
+    assert stats.losses[0]["loss"] == pytest.approx(plain, rel=1e-5), "logged loss must be the LM loss alone"
     recorder = RoutingRecorder(model)
     with torch.no_grad():
         model(input_ids=ids)
@@ -216,7 +228,14 @@ def test_local_checkpoint_gives_a_manifest(tmp_path):
 def _dense_checkpoint(path: Path) -> Path:
     from transformers import AutoModelForCausalLM, MistralConfig
 
-    cfg = MistralConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    cfg = MistralConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
     AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
     return path
 
@@ -278,7 +297,14 @@ def _tiny_params(**model: object) -> dict:
 def test_model_stage_end_to_end(tmp_path):
     env = _stage_env(tmp_path, _tiny_params())
     for stage in ("corpus", "model"):
-        proc = subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(
+            [sys.executable, "-m", f"stages.{stage}"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
     spec = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["model"]
     for entry in spec["outs"] + spec["metrics"]:
@@ -295,7 +321,9 @@ def test_model_stage_end_to_end(tmp_path):
     assert sorted(m.step for m in history) == list(range(12))
     data = client.get_run(run["run_id"]).data
     assert data.metrics["val_ppl"] < data.metrics["unigram_ppl"]
-    assert data.tags["upstream.corpus.run_id"] == json.loads((tmp_path / "outputs/corpus/run.json").read_text())["run_id"]
+    assert (
+        data.tags["upstream.corpus.run_id"] == json.loads((tmp_path / "outputs/corpus/run.json").read_text())["run_id"]
+    )
     artifacts = {a.path for a in client.list_artifacts(run["run_id"], "plots")}
     assert "plots/routing.png" in artifacts
 
@@ -307,7 +335,14 @@ def test_model_stage_with_a_local_checkpoint(tmp_path):
     params["tracking"]["enabled"] = False
     env = _stage_env(tmp_path, params)
     for stage in ("corpus", "model"):
-        proc = subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-m", f"stages.{stage}"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((tmp_path / "outputs/model/manifest.json").read_text())
     assert manifest["path"] == str(ckpt.resolve()) and manifest["fingerprint"] == checkpoint_fingerprint(ckpt)
@@ -315,7 +350,9 @@ def test_model_stage_with_a_local_checkpoint(tmp_path):
     assert json.loads((tmp_path / "outputs/model/metrics.json").read_text())["num_experts"] == 8
     params["model"]["source"] = str(tmp_path / "gone")
     env = _stage_env(tmp_path, params)
-    proc = subprocess.run([sys.executable, "-m", "stages.model"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "stages.model"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: model: model.source: model path")
     assert json.loads((tmp_path / "outputs/model/manifest.json").read_text())["path"] == str(ckpt.resolve())
