@@ -73,7 +73,7 @@ class CorpusParams(Section):
 
     seed: Seed = 1234
     domains: list[Literal["prose", "code", "arith", "data"]] = Field(default_factory=lambda: ["prose", "code", "arith"])
-    max_chars_per_domain: Annotated[int, Field(ge=10_000)] = 2_000_000
+    max_chars_per_domain: Annotated[int, Field(ge=10_000)] = 1_000_000
     doc_chars: Annotated[int, Field(ge=64)] = 1200
     validation_fraction: Annotated[float, Field(gt=0.0, lt=0.5)] = 0.05
     test_fraction: Annotated[float, Field(gt=0.0, lt=0.5)] = 0.05
