@@ -150,12 +150,12 @@ def lock_hashes() -> dict[str, str]:
 
 
 def dep_tags(name: str) -> dict[str, str]:
-    """``dvc.dep.<path>`` tags: dvc.lock's hash for upstream outputs, a fresh md5 for code files."""
+    """``dvc.dep.<path>`` tags: dvc.lock's hash for upstream outputs, a fresh DVC hash for code."""
     recorded = lock_hashes()
     tags: dict[str, str] = {}
     for dep in _paths(stage_spec(name).get("deps")):
         p = ROOT / dep
-        digest = recorded.get(dep) or (file_md5(p) if p.is_file() else None)
+        digest = recorded.get(dep) or dvc_md5(p)
         if digest:
             tags[f"dvc.dep.{dep}"] = digest
     return tags

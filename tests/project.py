@@ -19,7 +19,9 @@ BIN = Path(sys.executable).parent
 #: A params override that runs the whole chain on a tiny model in well under a minute per stage.
 TINY: dict[str, Any] = {
     "corpus": {
-        "max_chars_per_domain": 60000,
+        "max_chars_per_domain": 100000,
+        "validation_fraction": 0.1,
+        "test_fraction": 0.15,
         "eval": {"mc_items_per_domain": 16, "ppl_docs_per_domain": 4, "ppl_doc_chars": 300},
     },
     "model": {
