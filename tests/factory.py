@@ -39,6 +39,214 @@ def _mixtral(num_experts: int = 8, top_k: int = 2, layers: int = 2, hidden: int 
     )
 
 
+#: Settings the tiny configs share (hidden 32, 4 heads of 8, 2 KV heads, vocab 320, special ids in the vocab).
+_COMMON: dict[str, Any] = dict(
+    vocab_size=320,
+    hidden_size=32,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    pad_token_id=None,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def _common(**overrides: Any) -> dict[str, Any]:
+    return {**_COMMON, **overrides}
+
+
+@tiny_config_builder("qwen2_moe")
+def _qwen2_moe(num_experts: int = 8, top_k: int = 2, layers: int = 3, **kw: Any) -> Any:
+    """Layer 0 dense (``mlp_only_layers``); a sigmoid-gated shared expert; no renormalisation."""
+    from transformers import Qwen2MoeConfig
+
+    return Qwen2MoeConfig(**_common(
+        num_hidden_layers=layers, intermediate_size=48, moe_intermediate_size=16,
+        shared_expert_intermediate_size=24, num_experts=num_experts, num_experts_per_tok=top_k,
+        norm_topk_prob=False, mlp_only_layers=[0], **kw,
+    ))
+
+
+@tiny_config_builder("qwen3_moe")
+def _qwen3_moe(num_experts: int = 8, top_k: int = 2, layers: int = 3, **kw: Any) -> Any:
+    """Layer 0 dense (``mlp_only_layers``); renormalised top-k."""
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig(**_common(
+        num_hidden_layers=layers, head_dim=8, intermediate_size=48, moe_intermediate_size=16,
+        num_experts=num_experts, num_experts_per_tok=top_k, norm_topk_prob=True, mlp_only_layers=[0], **kw,
+    ))
+
+
+@tiny_config_builder("olmoe")
+def _olmoe(num_experts: int = 8, top_k: int = 2, layers: int = 2, **kw: Any) -> Any:
+    from transformers import OlmoeConfig
+
+    return OlmoeConfig(**_common(
+        num_hidden_layers=layers, intermediate_size=16, num_experts=num_experts, num_experts_per_tok=top_k,
+        norm_topk_prob=False, **kw,
+    ))
+
+
+@tiny_config_builder("flex_olmo")
+def _flex_olmo(num_experts: int = 8, top_k: int = 2, layers: int = 2, **kw: Any) -> Any:
+    from transformers import FlexOlmoConfig
+
+    return FlexOlmoConfig(**_common(
+        num_hidden_layers=layers, intermediate_size=16, num_experts=num_experts, num_experts_per_tok=top_k,
+        norm_topk_prob=True, **kw,
+    ))
+
+
+@tiny_config_builder("minimax")
+def _minimax(num_experts: int = 8, top_k: int = 2, layers: int = 2, **kw: Any) -> Any:
+    """One lightning-attention layer, one full-attention layer."""
+    from transformers import MiniMaxConfig
+
+    return MiniMaxConfig(**_common(
+        num_hidden_layers=layers, head_dim=8, intermediate_size=16, num_local_experts=num_experts,
+        num_experts_per_tok=top_k, block_size=16,
+        layer_types=["linear_attention", "full_attention"] * (layers // 2) + ["full_attention"] * (layers % 2),
+        **kw,
+    ))
+
+
+@tiny_config_builder("deepseek_v2")
+def _deepseek_v2(num_experts: int = 8, top_k: int = 2, layers: int = 3, **kw: Any) -> Any:
+    """Layer 0 dense; one shared expert; group-limited routing (2 groups, 1 chosen), scaled weights."""
+    from transformers import DeepseekV2Config
+
+    settings = dict(
+        num_hidden_layers=layers, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=num_experts,
+        num_experts_per_tok=top_k, n_shared_experts=1, first_k_dense_replace=1, topk_method="group_limited_greedy",
+        n_group=2, topk_group=1, routed_scaling_factor=1.5, kv_lora_rank=16, q_lora_rank=None,
+        qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, num_key_value_heads=4,
+    )
+    settings.update(kw)
+    return DeepseekV2Config(**_common(**settings))
+
+
+@tiny_config_builder("deepseek_v3")
+def _deepseek_v3(num_experts: int = 8, top_k: int = 2, layers: int = 3, **kw: Any) -> Any:
+    """Layer 0 dense; one shared expert; sigmoid router with 2 groups (1 chosen), renormalised, x2.5."""
+    from transformers import DeepseekV3Config
+
+    settings = dict(
+        num_hidden_layers=layers, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=num_experts,
+        num_experts_per_tok=top_k, n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1,
+        norm_topk_prob=True, routed_scaling_factor=2.5, kv_lora_rank=16, q_lora_rank=24,
+        qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, num_key_value_heads=4,
+    )
+    settings.update(kw)
+    return DeepseekV3Config(**_common(**settings))
+
+
+@tiny_config_builder("glm4_moe")
+def _glm4_moe(num_experts: int = 8, top_k: int = 2, layers: int = 3, **kw: Any) -> Any:
+    """Layer 0 dense; one shared expert; sigmoid router with 2 groups (1 chosen)."""
+    from transformers import Glm4MoeConfig
+
+    settings = dict(
+        num_hidden_layers=layers, head_dim=8, intermediate_size=48, moe_intermediate_size=16,
+        n_routed_experts=num_experts, num_experts_per_tok=top_k, n_shared_experts=1, first_k_dense_replace=1,
+        n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.5,
+    )
+    settings.update(kw)
+    return Glm4MoeConfig(**_common(**settings))
+
+
+@tiny_config_builder("dots1")
+def _dots1(num_experts: int = 8, top_k: int = 2, layers: int = 3, **kw: Any) -> Any:
+    """Layer 0 dense; one shared expert; sigmoid router, one group, not renormalised."""
+    from transformers import Dots1Config
+
+    settings = dict(
+        num_hidden_layers=layers, head_dim=8, intermediate_size=48, moe_intermediate_size=16,
+        n_routed_experts=num_experts, num_experts_per_tok=top_k, n_shared_experts=1, first_k_dense_replace=1,
+        norm_topk_prob=False, routed_scaling_factor=1.0,
+    )
+    settings.update(kw)
+    return Dots1Config(**_common(**settings))
+
+
+@tiny_config_builder("phimoe")
+def _phimoe(num_experts: int = 8, top_k: int = 2, layers: int = 2, **kw: Any) -> Any:
+    """A wide SparseMixer threshold so the masked softmax actually masks."""
+    from transformers import PhimoeConfig
+
+    return PhimoeConfig(**_common(
+        num_hidden_layers=layers, intermediate_size=16, num_local_experts=num_experts, num_experts_per_tok=top_k,
+        router_jitter_noise=0.3, **kw,
+    ))
+
+
+@tiny_config_builder("granitemoe")
+def _granitemoe(num_experts: int = 8, top_k: int = 2, layers: int = 2, **kw: Any) -> Any:
+    from transformers import GraniteMoeConfig
+
+    return GraniteMoeConfig(**_common(
+        num_hidden_layers=layers, intermediate_size=16, num_local_experts=num_experts, num_experts_per_tok=top_k,
+        residual_multiplier=0.5, **kw,
+    ))
+
+
+@tiny_config_builder("granitemoeshared")
+def _granitemoeshared(num_experts: int = 8, top_k: int = 2, layers: int = 2, **kw: Any) -> Any:
+    """A shared MLP beside every MoE block."""
+    from transformers import GraniteMoeSharedConfig
+
+    return GraniteMoeSharedConfig(**_common(
+        num_hidden_layers=layers, intermediate_size=16, num_local_experts=num_experts, num_experts_per_tok=top_k,
+        shared_intermediate_size=24, **kw,
+    ))
+
+
+@tiny_config_builder("gpt_oss")
+def _gpt_oss(num_experts: int = 8, top_k: int = 2, layers: int = 2, **kw: Any) -> Any:
+    """Sliding and full attention layers; router and expert biases."""
+    from transformers import GptOssConfig
+
+    return GptOssConfig(**_common(
+        num_hidden_layers=layers, head_dim=8, intermediate_size=16, num_local_experts=num_experts,
+        num_experts_per_tok=top_k, sliding_window=8, rope_parameters={"rope_type": "default", "rope_theta": 150000.0},
+        **kw,
+    ))
+
+
+@tiny_config_builder("llama4_text")
+def _llama4_text(num_experts: int = 8, top_k: int = 2, layers: int = 3, **kw: Any) -> Any:
+    """Layer 0 dense (``moe_layers``); a shared expert; top-2 (released models use top-1)."""
+    from transformers import Llama4TextConfig
+
+    return Llama4TextConfig(**_common(
+        num_hidden_layers=layers, head_dim=8, intermediate_size=16, intermediate_size_mlp=48,
+        num_local_experts=num_experts, num_experts_per_tok=top_k, moe_layers=list(range(1, layers)),
+        attention_chunk_size=16, **kw,
+    ))
+
+
+@tiny_config_builder("hunyuan_v1_moe")
+def _hunyuan_v1_moe(num_experts: int = 8, top_k: int = 2, layers: int = 2, **kw: Any) -> Any:
+    """A shared MLP in every block."""
+    from transformers import HunYuanMoEV1Config
+
+    return HunYuanMoEV1Config(**_common(
+        num_hidden_layers=layers, head_dim=8, intermediate_size=16, num_experts=num_experts, moe_topk=top_k, **kw,
+    ))
+
+
+@tiny_config_builder("ernie4_5_moe")
+def _ernie4_5_moe(num_experts: int = 8, top_k: int = 2, layers: int = 3, **kw: Any) -> Any:
+    """Layer 0 dense (``moe_layer_start_index``); one shared expert; bias-corrected choice."""
+    from transformers import Ernie4_5_MoeConfig
+
+    return Ernie4_5_MoeConfig(**_common(
+        num_hidden_layers=layers, intermediate_size=48, moe_intermediate_size=16, moe_num_experts=num_experts,
+        moe_k=top_k, moe_num_shared_experts=1, moe_layer_start_index=1, **kw,
+    ))
+
+
 def tiny_config(model_type: str = "mixtral", **overrides: Any) -> Any:
     """A tiny random config of ``model_type``."""
     return TINY_CONFIGS[model_type](**overrides)
@@ -47,16 +255,24 @@ def tiny_config(model_type: str = "mixtral", **overrides: Any) -> Any:
 def tiny_model(model_type: str = "mixtral", seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any) -> Any:
     """A tiny randomly initialised causal LM in eval mode.
 
-    Router weights are scaled up so routing is decisive (random init leaves it near uniform).
+    Router weights are scaled up so routing is decisive (random init leaves it near uniform), and
+    selection biases (DeepSeek-V3 style) are made non-zero so they matter.
     """
     from transformers import AutoModelForCausalLM
 
+    from pipeline.models import get_adapter
+
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides)).to(dtype).eval()
+    adapter = get_adapter(model.config)
+    layers = adapter.decoder_layers(model)
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith((".gate.weight", ".router.weight")) and param.dim() == 2:
-                param.normal_(0.0, 0.5)
+        for i in adapter.moe_layer_indices(model):
+            block = adapter.moe_block(layers[i])
+            adapter.router_weight(block).normal_(0.0, 0.5)
+            bias = adapter.choice_bias(block)
+            if bias is not None:
+                bias.normal_(0.0, 0.3)
     return model
 
 

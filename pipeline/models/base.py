@@ -10,7 +10,7 @@ override the methods that differ.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -45,6 +45,15 @@ class MoEAdapter:
     choice_bias_attr: ClassVar[str | None] = None
     #: Submodules of the MoE block that are shared experts (never pruned), for docs and tests.
     shared_attrs: ClassVar[tuple[str, ...]] = ()
+    #: Whether the router computes its logits in float32 whatever the model dtype (else in the
+    #: input dtype, cast to float32 afterwards), so bf16 searches see the logits the model sees.
+    router_fp32: ClassVar[bool] = False
+    #: Facts for the supported-families table (docs/models.md); see :meth:`describe`.
+    routing_doc: ClassVar[str] = ""
+    renormalized_doc: ClassVar[str] = ""
+    dense_layers_doc: ClassVar[str] = "none"
+    shared_doc: ClassVar[str] = ""
+    notes_doc: ClassVar[str] = ""
 
     # -- config ----------------------------------------------------------------------------------
     def text_config(self, config: Any) -> Any:
@@ -64,10 +73,23 @@ class MoEAdapter:
         """The rule the model with ``config`` applies to its router logits."""
         raise NotImplementedError
 
+    def config_updates(self, config: Any, r: int) -> dict[str, Any]:
+        """Keys of the (text) config to set, and their values, for a model keeping ``r`` experts."""
+        return {self.num_experts_key: r}
+
+    def check_r(self, config: Any, r: int) -> None:
+        """Raise unless ``top_k <= r <= n`` (``r`` experts kept per MoE layer)."""
+        n, k = self.num_experts(config), self.top_k(config)
+        if not k <= r <= n:
+            raise PipelineError(f"r={r}: must keep between top_k={k} and all {n} experts of a {self.family} layer")
+
     def pruned_config(self, config: Any, r: int) -> Any:
         """A copy of ``config`` for a model that keeps ``r`` experts per MoE layer."""
+        self.check_r(config, r)
         new = copy.deepcopy(config)
-        setattr(self.text_config(new), self.num_experts_key, r)
+        text = self.text_config(new)
+        for key, value in self.config_updates(config, r).items():
+            setattr(text, key, value)
         return new
 
     # -- structure -------------------------------------------------------------------------------
@@ -96,6 +118,26 @@ class MoEAdapter:
         """Indices of decoder layers that have an MoE block."""
         return [i for i, layer in enumerate(self.decoder_layers(model)) if self.moe_block(layer) is not None]
 
+    def dense_layer_indices(self, model: nn.Module) -> list[int]:
+        """Indices of decoder layers without an MoE block (dense feed-forward; never pruned)."""
+        return [i for i, layer in enumerate(self.decoder_layers(model)) if self.moe_block(layer) is None]
+
+    def shared_modules(self, block: nn.Module) -> dict[str, nn.Module]:
+        """The block's shared experts (and their gates), by attribute name; never pruned."""
+        found = {name: getattr(block, name, None) for name in self.shared_attrs}
+        return {name: module for name, module in found.items() if module is not None}
+
+    def shared_output(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """What the shared experts add to the block's output on tokens ``x`` ``[T, d]``, or None."""
+        modules = self.shared_modules(block)
+        if not modules:
+            return None
+        out = None
+        for module in modules.values():
+            y = module(x)
+            out = y if out is None else out + y
+        return out
+
     def block_num_experts(self, block: nn.Module) -> int:
         """Experts currently in ``block``."""
         return int(self.router_weight(block).shape[0])
@@ -105,11 +147,18 @@ class MoEAdapter:
         """The router matrix ``[n, d]``."""
         return getattr(block, self.router_attr).weight
 
+    def router_bias(self, block: nn.Module) -> torch.Tensor | None:
+        """The router's additive logit bias ``[n]``, if any."""
+        bias = getattr(getattr(block, self.router_attr), "bias", None)
+        return bias if isinstance(bias, torch.Tensor) else None
+
     def router_logits(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """Router logits ``[T, n]`` in float32 for tokens ``x`` ``[T, d]``."""
-        router = getattr(block, self.router_attr)
-        bias = getattr(router, "bias", None)
-        return nn.functional.linear(x.float(), router.weight.float(), None if bias is None else bias.float())
+        """Router logits ``[T, n]`` in float32 for tokens ``x`` ``[T, d]``, computed as the model does."""
+        weight, bias = self.router_weight(block), self.router_bias(block)
+        if self.router_fp32:
+            return nn.functional.linear(x.float(), weight.float(), None if bias is None else bias.float())
+        x = x.to(weight.dtype)
+        return nn.functional.linear(x, weight, None if bias is None else bias.to(weight.dtype)).float()
 
     def choice_bias(self, block: nn.Module) -> torch.Tensor | None:
         """Per-expert selection bias ``[n]``, if the family has one."""
@@ -136,11 +185,22 @@ class MoEAdapter:
         weights, local = rule(logits.index_select(-1, kept_t), None if bias is None else bias.index_select(0, kept_t))
         return weights, kept_t[local]
 
-    def add_router_transform(self, block: nn.Module, transform: RouterTransform) -> Any:
+    def router_decisions(self, block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weights and expert ids ``[T, k]`` that the block's own router module produces on ``x``.
+
+        The reference that :meth:`route` must reproduce (checked by the tests).
+        """
+        _logits, weights, idx = getattr(block, self.router_attr)(x)
+        return weights.float(), idx
+
+    def add_router_transform(self, block: nn.Module, transform: RouterTransform) -> RouterTransformHandle:
         """Apply ``transform`` to the block's routing decisions at run time; returns a removable handle.
 
         The router's ``(logits, weights, indices)`` output is rewritten; an index equal to the
-        number of experts marks a slot that the experts module does not compute.
+        number of experts marks a slot that the experts module does not compute and that adds
+        nothing to the output. transformers' eager experts loop skips such slots; its
+        ``grouped_mm`` / ``batched_mm`` kernels mask them only when the experts module's
+        ``_is_expert_parallel`` flag is set, so the handle sets it until removed.
         """
         router = getattr(block, self.router_attr)
 
@@ -149,7 +209,7 @@ class MoEAdapter:
             new_w, new_idx = transform(weights, idx)
             return logits, new_w.to(weights.dtype), new_idx
 
-        return router.register_forward_hook(hook)
+        return RouterTransformHandle(router.register_forward_hook(hook), getattr(block, self.experts_attr, None))
 
     # -- experts ---------------------------------------------------------------------------------
     def expert_outputs(self, block: nn.Module, x: torch.Tensor, experts: Sequence[int] | None = None) -> torch.Tensor:
@@ -172,14 +232,17 @@ class MoEAdapter:
         return out.reshape(x.shape)
 
     # -- export ----------------------------------------------------------------------------------
-    def is_expert_tensor(self, name: str, tensor: torch.Tensor, n: int) -> bool:
-        """Whether a block state-dict entry holds one slice per routed expert (dim 0)."""
+    def expert_tensor_dim(self, name: str, tensor: torch.Tensor, n: int) -> int | None:
+        """The dimension of a block state-dict entry that indexes routed experts, or None if it has none."""
         head, _, leaf = name.partition(".")
-        if head == self.experts_attr:
-            return tensor.dim() >= 1 and tensor.shape[0] == n
-        if head == self.router_attr:
-            return leaf in self.router_expert_tensors and tensor.dim() >= 1 and tensor.shape[0] == n
-        return False
+        if head == self.experts_attr or (head == self.router_attr and leaf in self.router_expert_tensors):
+            if tensor.dim() >= 1 and tensor.shape[0] == n:
+                return 0
+        return None
+
+    def is_expert_tensor(self, name: str, tensor: torch.Tensor, n: int) -> bool:
+        """Whether a block state-dict entry holds one slice per routed expert."""
+        return self.expert_tensor_dim(name, tensor, n) is not None
 
     def new_block(self, block: nn.Module, config: Any, layer_idx: int) -> nn.Module:
         """An uninitialised (meta-device) block of the same class for ``config``."""
@@ -199,10 +262,10 @@ class MoEAdapter:
         state = block.state_dict()
         any_tensor = next(iter(state.values()))
         index = torch.tensor(kept, dtype=torch.long, device=any_tensor.device)
-        new_state = {
-            name: (t.index_select(0, index.to(t.device)).clone() if self.is_expert_tensor(name, t, n) else t)
-            for name, t in state.items()
-        }
+        new_state = {}
+        for name, t in state.items():
+            dim = self.expert_tensor_dim(name, t, n)
+            new_state[name] = t if dim is None else t.index_select(dim, index.to(t.device)).clone()
         new = self.new_block(block, pruned_config, layer_idx)
         new.load_state_dict(new_state, strict=True, assign=True)
         self._materialise_leftovers(new, block)
@@ -225,11 +288,62 @@ class MoEAdapter:
             if param.is_meta:
                 raise PipelineError(f"parameter {name} of {type(new).__name__} was not restored after pruning")
 
+    def prune_model(self, model: nn.Module, kept: Mapping[int, Sequence[int]]) -> Any:
+        """Prune ``model`` in place: layer ``i`` keeps experts ``kept[i]``; returns the model's config.
+
+        Every MoE layer must be listed, each with the same number ``r`` of experts. The model's
+        config object is updated in place (:meth:`config_updates`) and the new blocks refer to
+        it, so later ``set_experts_implementation`` / ``save_pretrained`` calls see one config.
+        """
+        moe_layers = self.moe_layer_indices(model)
+        if sorted(int(i) for i in kept) != moe_layers:
+            raise PipelineError(f"kept experts are given for layers {sorted(kept)}, the MoE layers are {moe_layers}")
+        sizes = {len(v) for v in kept.values()}
+        if len(sizes) != 1:
+            raise PipelineError(f"every MoE layer must keep the same number of experts, got sizes {sorted(sizes)}")
+        r = sizes.pop()
+        config = model.config
+        pruned = self.pruned_config(config, r)
+        pruned_text, model_text = self.text_config(pruned), self.text_config(config)
+        layers = self.decoder_layers(model)
+        for i in moe_layers:
+            block = self.prune_block(self.moe_block(layers[i]), kept[i], pruned, i)
+            for module in block.modules():
+                if getattr(module, "config", None) is pruned_text:
+                    module.config = model_text
+            self.set_moe_block(layers[i], block)
+        for key, value in self.config_updates(config, r).items():
+            setattr(model_text, key, value)
+        return config
+
     def describe(self) -> dict[str, Any]:
-        """Facts about the family, for docs."""
+        """Facts about the family, for docs (one row of the supported-families table)."""
         return {
             "family": self.family,
             "model_types": list(self.model_types),
             "num_experts_key": self.num_experts_key,
+            "routing": self.routing_doc,
+            "renormalized": self.renormalized_doc,
             "shared_experts": list(self.shared_attrs),
+            "shared_doc": self.shared_doc,
+            "dense_layers": self.dense_layers_doc,
+            "notes": self.notes_doc,
         }
+
+
+class RouterTransformHandle:
+    """Removes a router transform and restores the experts module's sentinel flag."""
+
+    def __init__(self, hook: Any, experts: nn.Module | None) -> None:
+        self._hook = hook
+        self._experts = experts
+        self._flag = getattr(experts, "_is_expert_parallel", None)
+        if self._flag is not None:
+            experts._is_expert_parallel = True
+
+    def remove(self) -> None:
+        """Undo :meth:`MoEAdapter.add_router_transform`."""
+        self._hook.remove()
+        if self._flag is not None and self._experts is not None:
+            self._experts._is_expert_parallel = self._flag
+            self._flag = None

@@ -109,3 +109,58 @@ class TopKSoftmax:
     def __call__(self, logits: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         values, idx = torch.topk(logits, self.top_k, dim=-1)
         return torch.softmax(values.float(), dim=-1), idx
+
+
+@dataclass(frozen=True)
+class SoftmaxBiasTopK:
+    """ERNIE-4.5-MoE: ``p = softmax(logits)``; experts chosen by ``p + bias``; weights are ``p`` of
+    the chosen experts divided by ``max(sum, norm_min)``."""
+
+    top_k: int
+    norm_min: float
+
+    def __call__(self, logits: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = torch.softmax(logits.float(), dim=-1)
+        choice = probs if bias is None else probs + bias.float().reshape(-1)
+        idx = torch.topk(choice, self.top_k, dim=-1)[1]
+        weights = probs.gather(-1, idx)
+        return weights / torch.clamp(weights.sum(dim=-1, keepdim=True), min=self.norm_min), idx
+
+
+@dataclass(frozen=True)
+class SparseMixer:
+    """PhiMoE's ``sparsemixer`` at inference (deterministic outside training), always top-2.
+
+    Expert 1 is the arg-max logit; its weight is its softmax probability over the logits within
+    ``2 * jitter_eps`` (relative) of the maximum. Expert 2 is the arg-max of the rest, weighted the
+    same way among the remaining logits. The two weights are not renormalised.
+    """
+
+    top_k: int
+    jitter_eps: float
+
+    def __call__(self, logits: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = logits.float()
+        weights, indices = [], []
+        masked = scores
+        for _ in range(self.top_k):
+            top, idx = masked.max(dim=-1, keepdim=True)
+            factor = scores.abs().clamp(min=top)
+            far = ((top - scores) / factor) > (2 * self.jitter_eps)
+            gates = torch.softmax(masked.masked_fill(far, float("-inf")), dim=-1)
+            weights.append(gates.gather(-1, idx))
+            indices.append(idx)
+            masked = torch.scatter(masked, -1, idx, float("-inf"))
+        return torch.cat(weights, dim=-1), torch.cat(indices, dim=-1)
+
+
+@dataclass(frozen=True)
+class TopKUnitWeights:
+    """Top-k of the logits with weight 1 each (Llama 4: the router's sigmoid scales the expert's
+    *input*, which the adapter folds into the expert outputs, so the output weights are 1)."""
+
+    top_k: int
+
+    def __call__(self, logits: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.topk(logits, self.top_k, dim=-1)[1]
+        return torch.ones(idx.shape, dtype=torch.float32, device=logits.device), idx
