@@ -247,6 +247,171 @@ def _ernie4_5_moe(num_experts: int = 8, top_k: int = 2, layers: int = 3, **kw: A
     ))
 
 
+def _sigmoid_router_settings(num_experts: int, top_k: int, layers: int, n_group: int = 2) -> dict[str, Any]:
+    """DeepSeek-V3-style router settings: 2 groups (1 chosen), renormalised, scaled."""
+    return dict(
+        num_hidden_layers=layers, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=num_experts,
+        num_experts_per_tok=top_k, n_group=n_group, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.5,
+    )
+
+
+_MLA = dict(kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, num_key_value_heads=4)
+
+
+@tiny_config_builder("glm4_moe_lite")
+def _glm4_moe_lite(num_experts: int = 8, top_k: int = 2, layers: int = 3, **kw: Any) -> Any:
+    """Layer 0 dense (``mlp_layer_types``); MLA attention; one shared expert."""
+    from transformers import Glm4MoeLiteConfig
+
+    settings = dict(_sigmoid_router_settings(num_experts, top_k, layers), **_MLA, n_shared_experts=1,
+                    mlp_layer_types=["dense"] + ["sparse"] * (layers - 1))
+    settings.update(kw)
+    return Glm4MoeLiteConfig(**_common(**settings))
+
+
+@tiny_config_builder("deepseek_v32")
+def _deepseek_v32(num_experts: int = 8, top_k: int = 2, layers: int = 3, **kw: Any) -> Any:
+    """Layer 0 dense; MLA with the sparse-attention indexer; one shared expert."""
+    from transformers import DeepseekV32Config
+
+    settings = dict(_sigmoid_router_settings(num_experts, top_k, layers), **_MLA, n_shared_experts=1,
+                    first_k_dense_replace=1, index_topk=8, index_head_dim=8, index_n_heads=2, head_dim=8)
+    settings.update(kw)
+    return DeepseekV32Config(**_common(**settings))
+
+
+@tiny_config_builder("solar_open")
+def _solar_open(num_experts: int = 8, top_k: int = 2, layers: int = 2, **kw: Any) -> Any:
+    """Every layer MoE with one shared expert."""
+    from transformers import SolarOpenConfig
+
+    settings = dict(_sigmoid_router_settings(num_experts, top_k, layers), n_shared_experts=1, head_dim=8)
+    settings.update(kw)
+    return SolarOpenConfig(**_common(**settings))
+
+
+@tiny_config_builder("mimo_v2_flash")
+def _mimo_v2_flash(num_experts: int = 8, top_k: int = 2, layers: int = 3, **kw: Any) -> Any:
+    """Layer 0 dense; sliding and full attention; no shared expert."""
+    from transformers import MiMoV2FlashConfig
+
+    settings = dict(_sigmoid_router_settings(num_experts, top_k, layers), head_dim=8, v_head_dim=8, sliding_window=8,
+                    layer_types=["full_attention"] + ["sliding_attention"] * (layers - 1),
+                    mlp_layer_types=["dense"] + ["sparse"] * (layers - 1))
+    settings.update(kw)
+    return MiMoV2FlashConfig(**_common(**settings))
+
+
+@tiny_config_builder("exaone_moe")
+def _exaone_moe(num_experts: int = 8, top_k: int = 2, layers: int = 3, **kw: Any) -> Any:
+    """Layer 0 dense; one shared expert."""
+    from transformers import ExaoneMoeConfig
+
+    settings = _sigmoid_router_settings(num_experts, top_k, layers)
+    settings["num_experts"] = settings.pop("n_routed_experts")
+    settings.update(head_dim=8, num_shared_experts=1, mlp_layer_types=["dense"] + ["sparse"] * (layers - 1))
+    settings.update(kw)
+    return ExaoneMoeConfig(**_common(**settings))
+
+
+@tiny_config_builder("nemotron_h")
+def _nemotron_h(num_experts: int = 8, top_k: int = 2, layers: int = 4, **kw: Any) -> Any:
+    """Mamba, attention, MoE, MoE blocks; a latent projection with biases around the experts."""
+    from transformers import NemotronHConfig
+
+    settings = dict(_sigmoid_router_settings(num_experts, top_k, layers), n_shared_experts=1,
+                    moe_shared_expert_intermediate_size=24, moe_latent_size=16, mlp_bias=True, head_dim=8,
+                    layers_block_type=["mamba", "attention", "moe", "moe"][:layers], mamba_num_heads=4,
+                    mamba_head_dim=8, ssm_state_size=8, n_groups=1, chunk_size=8)
+    settings.update(kw)
+    return NemotronHConfig(**_common(**settings))
+
+
+@tiny_config_builder("qwen3_next")
+def _qwen3_next(num_experts: int = 8, top_k: int = 2, layers: int = 3, **kw: Any) -> Any:
+    """Gated-DeltaNet and full attention; layer 0 dense; a sigmoid-gated shared expert."""
+    from transformers import Qwen3NextConfig
+
+    return Qwen3NextConfig(**_common(
+        num_hidden_layers=layers, head_dim=8, intermediate_size=48, moe_intermediate_size=16,
+        shared_expert_intermediate_size=24, num_experts=num_experts, num_experts_per_tok=top_k, norm_topk_prob=True,
+        mlp_only_layers=[0], linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
+        linear_num_value_heads=4, layer_types=["linear_attention", "full_attention", "linear_attention"][:layers],
+        **kw,
+    ))
+
+
+@tiny_config_builder("qwen3_5_moe_text")
+def _qwen3_5_moe_text(num_experts: int = 8, top_k: int = 2, layers: int = 2, **kw: Any) -> Any:
+    """Gated-DeltaNet and full attention; a sigmoid-gated shared expert."""
+    from transformers.models.qwen3_5_moe.configuration_qwen3_5_moe import Qwen3_5MoeTextConfig
+
+    return Qwen3_5MoeTextConfig(**_common(
+        num_hidden_layers=layers, head_dim=8, moe_intermediate_size=16, shared_expert_intermediate_size=24,
+        num_experts=num_experts, num_experts_per_tok=top_k, linear_key_head_dim=8, linear_value_head_dim=8,
+        linear_num_key_heads=2, linear_num_value_heads=4, layer_types=["linear_attention", "full_attention"][:layers],
+        **kw,
+    ))
+
+
+@tiny_config_builder("jamba")
+def _jamba(num_experts: int = 8, top_k: int = 2, layers: int = 2, **kw: Any) -> Any:
+    """Layer 0 Mamba + dense MLP, layer 1 attention + MoE."""
+    from transformers import JambaConfig
+
+    return JambaConfig(**_common(
+        num_hidden_layers=layers, intermediate_size=16, num_experts=num_experts, num_experts_per_tok=top_k,
+        expert_layer_period=2, expert_layer_offset=1, attn_layer_period=2, attn_layer_offset=1,
+        mamba_d_state=8, mamba_expand=2, **kw,
+    ))
+
+
+@tiny_config_builder("granitemoehybrid")
+def _granitemoehybrid(num_experts: int = 8, top_k: int = 2, layers: int = 2, **kw: Any) -> Any:
+    """A Mamba-2 layer and an attention layer, both with MoE and a shared MLP."""
+    from transformers import GraniteMoeHybridConfig
+
+    return GraniteMoeHybridConfig(**_common(
+        num_hidden_layers=layers, intermediate_size=16, num_local_experts=num_experts, num_experts_per_tok=top_k,
+        shared_intermediate_size=24, layer_types=["mamba", "attention"][:layers], mamba_n_heads=4, mamba_d_state=8,
+        mamba_d_head=16, mamba_chunk_size=8, **kw,
+    ))
+
+
+@tiny_config_builder("lfm2_moe")
+def _lfm2_moe(num_experts: int = 8, top_k: int = 2, layers: int = 3, **kw: Any) -> Any:
+    """Layer 0 dense; short-convolution and attention layers; block-level selection bias."""
+    from transformers import Lfm2MoeConfig
+
+    return Lfm2MoeConfig(**_common(
+        num_hidden_layers=layers, intermediate_size=48, moe_intermediate_size=16, num_experts=num_experts,
+        num_experts_per_tok=top_k, num_dense_layers=1, routed_scaling_factor=1.5,
+        layer_types=["conv", "full_attention", "conv"][:layers], **kw,
+    ))
+
+
+@tiny_config_builder("minimax_m2")
+def _minimax_m2(num_experts: int = 8, top_k: int = 2, layers: int = 2, **kw: Any) -> Any:
+    from transformers import MiniMaxM2Config
+
+    return MiniMaxM2Config(**_common(
+        num_hidden_layers=layers, head_dim=8, intermediate_size=16, num_local_experts=num_experts,
+        num_experts_per_tok=top_k, **kw,
+    ))
+
+
+@tiny_config_builder("cohere2_moe")
+def _cohere2_moe(num_experts: int = 8, top_k: int = 2, layers: int = 3, **kw: Any) -> Any:
+    """Layer 0 dense; one shared expert combined by ``average``."""
+    from transformers import Cohere2MoeConfig
+
+    return Cohere2MoeConfig(**_common(
+        num_hidden_layers=layers, head_dim=8, intermediate_size=16, prefix_dense_intermediate_size=48,
+        num_experts=num_experts, num_experts_per_tok=top_k, num_shared_experts=1,
+        shared_expert_combination_strategy="average", mlp_layer_types=["dense"] + ["sparse"] * (layers - 1), **kw,
+    ))
+
+
 def tiny_config(model_type: str = "mixtral", **overrides: Any) -> Any:
     """A tiny random config of ``model_type``."""
     return TINY_CONFIGS[model_type](**overrides)

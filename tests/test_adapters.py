@@ -320,9 +320,13 @@ def test_router_transform_identity_and_sentinel_drop(family: Family, implementat
         block = adapter.moe_block(layers[i])
         with torch.no_grad():
             reference = adapter.block_output(block, x)
+            experts = getattr(block, adapter.experts_attr)
+            flag = getattr(experts, "_is_expert_parallel", None)
             handle = adapter.add_router_transform(block, lambda w, idx: (w, idx))
             assert torch.equal(adapter.block_output(block, x), reference)
+            assert flag is None or experts._is_expert_parallel, "sentinel masking must be on while transforming"
             handle.remove()
+            assert getattr(experts, "_is_expert_parallel", None) == flag
 
             seen: dict[str, torch.Tensor] = {}
 

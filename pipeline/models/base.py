@@ -41,10 +41,15 @@ class MoEAdapter:
     experts_attr: ClassVar[str] = "experts"
     #: Router tensors that hold one entry per expert (sliced with the experts on export).
     router_expert_tensors: ClassVar[tuple[str, ...]] = ("weight", "bias", "e_score_correction_bias")
+    #: Tensors held by the MoE block itself (not its router) with one entry per expert (sliced on export).
+    block_expert_tensors: ClassVar[tuple[str, ...]] = ()
     #: Per-expert bias added to the scores only to choose experts (DeepSeek-V3), if any.
     choice_bias_attr: ClassVar[str | None] = None
     #: Submodules of the MoE block that are shared experts (never pruned), for docs and tests.
     shared_attrs: ClassVar[tuple[str, ...]] = ()
+    #: Whether the family's eager experts loop skips the sentinel index (transformers' template does;
+    #: gpt-oss and Nemotron-H do not, so their dropped slots go to expert 0 with weight 0 under eager).
+    eager_handles_sentinel: ClassVar[bool] = True
     #: Whether the router computes its logits in float32 whatever the model dtype (else in the
     #: input dtype, cast to float32 afterwards), so bf16 searches see the logits the model sees.
     router_fp32: ClassVar[bool] = False
@@ -200,29 +205,42 @@ class MoEAdapter:
         number of experts marks a slot that the experts module does not compute and that adds
         nothing to the output. transformers' eager experts loop skips such slots; its
         ``grouped_mm`` / ``batched_mm`` kernels mask them only when the experts module's
-        ``_is_expert_parallel`` flag is set, so the handle sets it until removed.
+        ``_is_expert_parallel`` flag is set, so the handle sets it until removed. Families whose
+        eager loop cannot take the sentinel (``eager_handles_sentinel = False``) get, under eager,
+        expert 0 with weight 0 in dropped slots: the same output, without the saving.
         """
         router = getattr(block, self.router_attr)
+        experts = getattr(block, self.experts_attr, None)
+        n = self.block_num_experts(block)
 
         def hook(_module: nn.Module, _inputs: Any, output: Any) -> Any:
             logits, weights, idx = output
             new_w, new_idx = transform(weights, idx)
+            if not self.eager_handles_sentinel and _experts_implementation(experts) == "eager":
+                dropped = new_idx >= n
+                new_w, new_idx = new_w.masked_fill(dropped, 0), new_idx.masked_fill(dropped, 0)
             return logits, new_w.to(weights.dtype), new_idx
 
-        return RouterTransformHandle(router.register_forward_hook(hook), getattr(block, self.experts_attr, None))
+        return RouterTransformHandle(router.register_forward_hook(hook), experts)
 
     # -- experts ---------------------------------------------------------------------------------
     def expert_outputs(self, block: nn.Module, x: torch.Tensor, experts: Sequence[int] | None = None) -> torch.Tensor:
         """Each listed expert's output on every token: ``[T, m, d]`` (unweighted ``E_i(x)``)."""
         module = getattr(block, self.experts_attr)
-        ids = list(range(self.block_num_experts(block))) if experts is None else list(experts)
+        return self.experts_forward_each(module, x, experts, self.block_num_experts(block))
+
+    @staticmethod
+    def experts_forward_each(
+        module: nn.Module, x: torch.Tensor, experts: Sequence[int] | None, n: int
+    ) -> torch.Tensor:
+        """Run a fused experts module ``module(x, ids, weights)`` once per expert with weight 1: ``[T, m, d_out]``."""
+        ids = list(range(n)) if experts is None else list(experts)
         t = x.shape[0]
-        out = x.new_empty((t, len(ids), x.shape[-1]))
         ones = torch.ones((t, 1), dtype=x.dtype, device=x.device)
-        for j, e in enumerate(ids):
-            idx = torch.full((t, 1), e, dtype=torch.long, device=x.device)
-            out[:, j] = module(x, idx, ones)
-        return out
+        outs = [module(x, torch.full((t, 1), e, dtype=torch.long, device=x.device), ones) for e in ids]
+        if not outs:
+            return x.new_empty((t, 0, x.shape[-1]))
+        return torch.stack(outs, dim=1)
 
     def block_output(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The block's own forward on tokens ``x`` ``[T, d]`` -> ``[T, d]``."""
@@ -235,7 +253,11 @@ class MoEAdapter:
     def expert_tensor_dim(self, name: str, tensor: torch.Tensor, n: int) -> int | None:
         """The dimension of a block state-dict entry that indexes routed experts, or None if it has none."""
         head, _, leaf = name.partition(".")
-        if head == self.experts_attr or (head == self.router_attr and leaf in self.router_expert_tensors):
+        if (
+            head == self.experts_attr
+            or (head == self.router_attr and leaf in self.router_expert_tensors)
+            or name in self.block_expert_tensors
+        ):
             if tensor.dim() >= 1 and tensor.shape[0] == n:
                 return 0
         return None
@@ -329,6 +351,11 @@ class MoEAdapter:
             "dense_layers": self.dense_layers_doc,
             "notes": self.notes_doc,
         }
+
+
+def _experts_implementation(experts: nn.Module | None) -> str | None:
+    """The experts implementation a transformers experts module dispatches to (None if unknown)."""
+    return getattr(getattr(experts, "config", None), "_experts_implementation", None)
 
 
 class RouterTransformHandle:

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-from torch import nn
-
-from pipeline.models.base import MoEAdapter, RouterTransform, RouterTransformHandle
+from pipeline.models.base import MoEAdapter
 from pipeline.models.registry import register
 from pipeline.models.routing import RoutingRule, TopKSoftmax
 
@@ -23,26 +20,9 @@ class GptOssAdapter(MoEAdapter):
     router_attr = "router"
     routing_doc = "top-k of logits (+ router bias), softmax over the k"
     renormalized_doc = "yes (by construction)"
+    eager_handles_sentinel = False
     notes_doc = "router bias and expert biases sliced on export"
 
     def routing_rule(self, config: Any) -> RoutingRule:
         """Top-k logits, softmax over them."""
         return TopKSoftmax(top_k=self.top_k(config))
-
-    def add_router_transform(self, block: nn.Module, transform: RouterTransform) -> RouterTransformHandle:
-        """As the base, but gpt-oss's eager experts loop cannot take the sentinel index.
-
-        Under ``experts_implementation="eager"`` a dropped slot is sent to expert 0 with weight 0
-        (the output is the same, the expert is still computed); ``grouped_mm`` skips it.
-        """
-        experts = block.experts
-
-        def eager_safe(weights: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            new_w, new_idx = transform(weights, idx)
-            if getattr(experts.config, "_experts_implementation", None) == "eager":
-                dropped = new_idx >= experts.num_experts
-                new_w = new_w.masked_fill(dropped, 0.0)
-                new_idx = new_idx.masked_fill(dropped, 0)
-            return new_w, new_idx
-
-        return super().add_router_transform(block, eager_safe)

@@ -81,6 +81,7 @@ class SigmoidBiasTopK:
     topk_group: int
     renormalize: bool
     scale: float = 1.0
+    eps: float = 1e-20  # added to the renormalisation denominator (LFM2-MoE: 1e-6, MiniMax-M2: 0)
 
     def __call__(self, logits: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         scores = torch.sigmoid(logits.float())
@@ -96,7 +97,28 @@ class SigmoidBiasTopK:
         idx = torch.topk(choice, k=self.top_k, dim=-1, sorted=False)[1]
         weights = scores.gather(1, idx)
         if self.renormalize:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + self.eps)
+        return weights * self.scale, idx
+
+
+@dataclass(frozen=True)
+class TopKScores:
+    """Cohere2-MoE: top-k of the logits, then softmax over those k, or their sigmoid (optionally
+    renormalised); times ``scale``."""
+
+    top_k: int
+    activation: str  # "softmax" or "sigmoid"
+    renormalize: bool = False
+    scale: float = 1.0
+
+    def __call__(self, logits: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        values, idx = torch.topk(logits, self.top_k, dim=-1)
+        if self.activation == "softmax":
+            weights = torch.softmax(values.float(), dim=-1)
+        else:
+            weights = torch.sigmoid(values.float())
+            if self.renormalize:
+                weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights * self.scale, idx
 
 
