@@ -412,6 +412,188 @@ def _cohere2_moe(num_experts: int = 8, top_k: int = 2, layers: int = 3, **kw: An
     ))
 
 
+@tiny_config_builder("hy_v3")
+def _hy_v3(num_experts: int = 8, top_k: int = 2, layers: int = 3, **kw: Any) -> Any:
+    """Layer 0 dense; a shared expert; block-level selection bias."""
+    from transformers import HYV3Config
+
+    return HYV3Config(**_common(
+        num_hidden_layers=layers, head_dim=8, intermediate_size=48, moe_intermediate_size=16, num_experts=num_experts,
+        num_experts_per_tok=top_k, num_shared_experts=1, router_scaling_factor=2.5,
+        mlp_layer_types=["dense"] + ["sparse"] * (layers - 1), **kw,
+    ))
+
+
+@tiny_config_builder("hy_v4")
+def _hy_v4(num_experts: int = 8, top_k: int = 2, layers: int = 3, **kw: Any) -> Any:
+    """Layer 0 dense; MLA with indexer and hyper-connections; sigmoid router with 2 groups."""
+    from transformers import HYV4Config
+
+    settings = dict(_sigmoid_router_settings(num_experts, top_k, layers), **_MLA, n_shared_experts=1, head_dim=8,
+                    mlp_layer_types=["dense"] + ["sparse"] * (layers - 1), index_topk=8, index_head_dim=8,
+                    index_n_heads=2, hc_mult=2)
+    settings.update(kw)
+    return HYV4Config(**_common(**settings))
+
+
+@tiny_config_builder("glm_moe_dsa")
+def _glm_moe_dsa(num_experts: int = 8, top_k: int = 2, layers: int = 3, **kw: Any) -> Any:
+    """Layer 0 dense; MLA with the sparse-attention indexer; sigmoid router with 2 groups."""
+    from transformers import GlmMoeDsaConfig
+
+    settings = dict(_sigmoid_router_settings(num_experts, top_k, layers), **_MLA, n_shared_experts=1, head_dim=8,
+                    mlp_layer_types=["dense"] + ["sparse"] * (layers - 1), first_k_dense_replace=1, index_topk=8,
+                    index_head_dim=8, index_n_heads=2)
+    settings.update(kw)
+    return GlmMoeDsaConfig(**_common(**settings))
+
+
+@tiny_config_builder("kimi_linear")
+def _kimi_linear(num_experts: int = 8, top_k: int = 2, layers: int = 3, **kw: Any) -> Any:
+    """Layer 0 dense; linear and full (MLA) attention; sigmoid router with 2 groups."""
+    from transformers import KimiLinearConfig
+
+    settings = _sigmoid_router_settings(num_experts, top_k, layers)
+    settings["num_local_experts"] = settings.pop("n_routed_experts")
+    settings.update(**_MLA, n_shared_experts=1, mlp_layer_types=["dense"] + ["sparse"] * (layers - 1),
+                    layer_types=["linear_attention", "full_attention", "linear_attention"][:layers],
+                    linear_head_dim=8, linear_num_heads=4)
+    settings.update(kw)
+    return KimiLinearConfig(**_common(**settings))
+
+
+@tiny_config_builder("bailing_hybrid")
+def _bailing_hybrid(num_experts: int = 8, top_k: int = 2, layers: int = 3, **kw: Any) -> Any:
+    """Layer 0 dense; linear and full (MLA) attention; sigmoid router with 2 groups."""
+    from transformers import BailingHybridConfig
+
+    settings = _sigmoid_router_settings(num_experts, top_k, layers)
+    settings["num_local_experts"] = settings.pop("n_routed_experts")
+    settings.update(**_MLA, n_shared_experts=1, head_dim=8, first_k_dense_replace=1,
+                    mlp_layer_types=["dense"] + ["sparse"] * (layers - 1),
+                    layer_types=["linear_attention", "full_attention", "linear_attention"][:layers])
+    settings.update(kw)
+    return BailingHybridConfig(**_common(**settings))
+
+
+@tiny_config_builder("axk2")
+def _axk2(num_experts: int = 8, top_k: int = 2, layers: int = 3, **kw: Any) -> Any:
+    """Layer 0 dense; MLA with the sparse-attention indexer; sigmoid router with 2 groups."""
+    from transformers import AXK2Config
+
+    settings = dict(_sigmoid_router_settings(num_experts, top_k, layers), **_MLA, n_shared_experts=1, head_dim=8,
+                    mlp_layer_types=["dense"] + ["sparse"] * (layers - 1), index_topk=8, index_head_dim=8,
+                    index_n_heads=2, gated_norm_rank=4)
+    settings.update(kw)
+    return AXK2Config(**_common(**settings))
+
+
+@tiny_config_builder("beam")
+def _beam(num_experts: int = 8, top_k: int = 2, layers: int = 3, **kw: Any) -> Any:
+    """Layer 0 dense; sigmoid router with 2 groups; scaling applied after the experts."""
+    from transformers import BeamConfig
+
+    settings = _sigmoid_router_settings(num_experts, top_k, layers)
+    settings["num_experts"] = settings.pop("n_routed_experts")
+    settings.update(head_dim=8, sliding_window=8, mlp_layer_types=["dense"] + ["sparse"] * (layers - 1))
+    settings.update(kw)
+    return BeamConfig(**_common(**settings))
+
+
+@tiny_config_builder("mellum")
+def _mellum(num_experts: int = 8, top_k: int = 2, layers: int = 3, **kw: Any) -> Any:
+    """Layer 0 dense."""
+    from transformers import MellumConfig
+
+    return MellumConfig(**_common(
+        num_hidden_layers=layers, head_dim=8, intermediate_size=48, moe_intermediate_size=16, num_experts=num_experts,
+        num_experts_per_tok=top_k, sliding_window=8, mlp_layer_types=["dense"] + ["sparse"] * (layers - 1), **kw,
+    ))
+
+
+@tiny_config_builder("flint")
+def _flint(num_experts: int = 8, top_k: int = 2, layers: int = 3, **kw: Any) -> Any:
+    """Layer 0 dense (``mlp_only_layers``); an ungated shared expert."""
+    from transformers import FlintConfig
+
+    return FlintConfig(**_common(
+        num_hidden_layers=layers, head_dim=8, intermediate_size=48, moe_intermediate_size=16,
+        shared_expert_intermediate_size=24, num_experts=num_experts, num_experts_per_tok=top_k, mlp_only_layers=[0],
+        sliding_window=8, **kw,
+    ))
+
+
+@tiny_config_builder("kolibri1")
+def _kolibri1(num_experts: int = 8, top_k: int = 2, layers: int = 2, **kw: Any) -> Any:
+    """A shared expert; selection bias on the logits; renormalised."""
+    from transformers import Kolibri1Config
+
+    return Kolibri1Config(**_common(
+        num_hidden_layers=layers, head_dim=8, moe_intermediate_size=16, shared_expert_intermediate_size=24,
+        num_experts=num_experts, num_experts_per_tok=top_k, norm_topk_prob=True, sliding_window=8, **kw,
+    ))
+
+
+@tiny_config_builder("laguna")
+def _laguna(num_experts: int = 8, top_k: int = 2, layers: int = 3, **kw: Any) -> Any:
+    """Layer 0 dense; soft-capped router logits; scaling applied after the experts; a shared expert."""
+    from transformers import LagunaConfig
+
+    return LagunaConfig(**_common(
+        num_hidden_layers=layers, head_dim=8, intermediate_size=48, moe_intermediate_size=16,
+        shared_expert_intermediate_size=24, num_experts=num_experts, num_experts_per_tok=top_k, sliding_window=8,
+        mlp_layer_types=["dense"] + ["sparse"] * (layers - 1), moe_routed_scaling_factor=2.5,
+        moe_router_logit_softcapping=2.0, **kw,
+    ))
+
+
+@tiny_config_builder("afmoe")
+def _afmoe(num_experts: int = 8, top_k: int = 2, layers: int = 3, **kw: Any) -> Any:
+    """Layer 0 dense; shared experts; block-level selection bias; scaled weights."""
+    from transformers import AfmoeConfig
+
+    return AfmoeConfig(**_common(
+        num_hidden_layers=layers, head_dim=8, intermediate_size=48, moe_intermediate_size=16, num_dense_layers=1,
+        num_experts=num_experts, num_experts_per_tok=top_k, num_shared_experts=1, route_scale=2.0,
+        sliding_window=8, global_attn_every_n_layers=2, **kw,
+    ))
+
+
+@tiny_config_builder("inkling2_text")
+def _inkling2_text(num_experts: int = 8, top_k: int = 2, layers: int = 2, **kw: Any) -> Any:
+    from transformers.models.inkling2.configuration_inkling2 import Inkling2TextConfig
+
+    return Inkling2TextConfig(**_common(
+        num_hidden_layers=layers, head_dim=8, swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=8,
+        sliding_window_size=8, moe_intermediate_size=16, n_routed_experts=num_experts, num_experts_per_tok=top_k,
+        route_scale=2.0, d_rel=4, rel_extent=16, n_layers_per_attn_res_block=1, **kw,
+    ))
+
+
+@tiny_config_builder("granitemoe_swa")
+def _granitemoe_swa(num_experts: int = 8, top_k: int = 2, layers: int = 2, **kw: Any) -> Any:
+    """Sliding-window attention; a shared MLP beside every MoE block."""
+    from transformers import GraniteMoeSWAConfig
+
+    return GraniteMoeSWAConfig(**_common(
+        num_hidden_layers=layers, intermediate_size=16, num_local_experts=num_experts, num_experts_per_tok=top_k,
+        shared_intermediate_size=24, sliding_window=8, **kw,
+    ))
+
+
+@tiny_config_builder("minimax_m3_vl_text")
+def _minimax_m3_vl_text(num_experts: int = 8, top_k: int = 2, layers: int = 3, **kw: Any) -> Any:
+    """Layer 0 dense; shared experts; scaling applied after the experts."""
+    from transformers.models.minimax_m3_vl.configuration_minimax_m3_vl import MiniMaxM3VLTextConfig
+
+    return MiniMaxM3VLTextConfig(**_common(
+        num_hidden_layers=layers, head_dim=8, intermediate_size=16, dense_intermediate_size=48,
+        shared_intermediate_size=24, num_local_experts=num_experts, num_experts_per_tok=top_k,
+        routed_scaling_factor=2.0, rotary_dim=4, mlp_layer_types=["dense"] + ["sparse"] * (layers - 1),
+        index_n_heads=2, index_head_dim=8, index_block_size=4, index_topk_blocks=2, **kw,
+    ))
+
+
 def tiny_config(model_type: str = "mixtral", **overrides: Any) -> Any:
     """A tiny random config of ``model_type``."""
     return TINY_CONFIGS[model_type](**overrides)

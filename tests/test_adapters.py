@@ -260,8 +260,14 @@ def test_exported_model_reloads_with_the_same_logits(family: Family, exported: A
     assert adapter.moe_layer_indices(reloaded) == sorted(kept)
     with torch.no_grad():
         in_memory = model(input_ids=family.input_ids).logits
-        assert torch.equal(reloaded(input_ids=family.input_ids).logits, in_memory)
         assert not torch.equal(in_memory, family.model(input_ids=family.input_ids).logits)
+        assert_close_rel(reloaded(input_ids=family.input_ids).logits, in_memory, rtol=1e-6)
+        # Bit-exact once the weights are re-allocated: memory-mapped safetensors leave tensors at other
+        # alignments, which can change CPU kernels' rounding in the last bit.
+        aligned = copy.deepcopy(reloaded)
+        for param in aligned.parameters():
+            param.data = param.data.clone()
+        assert torch.equal(aligned(input_ids=family.input_ids).logits, in_memory)
 
 
 def test_shared_experts_and_dense_layers_are_byte_identical(family: Family, exported: Any) -> None:

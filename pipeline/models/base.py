@@ -43,8 +43,10 @@ class MoEAdapter:
     router_expert_tensors: ClassVar[tuple[str, ...]] = ("weight", "bias", "e_score_correction_bias")
     #: Tensors held by the MoE block itself (not its router) with one entry per expert (sliced on export).
     block_expert_tensors: ClassVar[tuple[str, ...]] = ()
-    #: Per-expert bias added to the scores only to choose experts (DeepSeek-V3), if any.
+    #: Per-expert bias added to the scores only to choose experts (DeepSeek-V3), if any: an attribute
+    #: of the router, or (``block_choice_bias_attr``) of the block, which passes it to the router.
     choice_bias_attr: ClassVar[str | None] = None
+    block_choice_bias_attr: ClassVar[str | None] = None
     #: Submodules of the MoE block that are shared experts (never pruned), for docs and tests.
     shared_attrs: ClassVar[tuple[str, ...]] = ()
     #: Whether the family's eager experts loop skips the sentinel index (transformers' template does;
@@ -167,9 +169,20 @@ class MoEAdapter:
 
     def choice_bias(self, block: nn.Module) -> torch.Tensor | None:
         """Per-expert selection bias ``[n]``, if the family has one."""
+        if self.block_choice_bias_attr is not None:
+            return getattr(block, self.block_choice_bias_attr, None)
         if self.choice_bias_attr is None:
             return None
         return getattr(getattr(block, self.router_attr), self.choice_bias_attr, None)
+
+    def routed_output_scale(self, block: nn.Module) -> float:
+        """Factor the block applies to the routed experts' sum after the router (1 for most families).
+
+        :meth:`routing_rule` includes it, and :meth:`router_decisions` and router transforms see
+        weights multiplied by it, so every weight the pipeline handles is an expert's effective
+        weight in the block output.
+        """
+        return 1.0
 
     def route(
         self, block: nn.Module, logits: torch.Tensor, config: Any, kept: Sequence[int] | torch.Tensor | None = None
@@ -195,13 +208,18 @@ class MoEAdapter:
 
         The reference that :meth:`route` must reproduce (checked by the tests).
         """
-        _logits, weights, idx = getattr(block, self.router_attr)(x)
-        return weights.float(), idx
+        router = getattr(block, self.router_attr)
+        if self.block_choice_bias_attr is not None:
+            _logits, weights, idx = router(x, self.choice_bias(block))
+        else:
+            _logits, weights, idx = router(x)
+        return weights.float() * self.routed_output_scale(block), idx
 
     def add_router_transform(self, block: nn.Module, transform: RouterTransform) -> RouterTransformHandle:
         """Apply ``transform`` to the block's routing decisions at run time; returns a removable handle.
 
-        The router's ``(logits, weights, indices)`` output is rewritten; an index equal to the
+        The router's ``(logits, weights, indices)`` output is rewritten (``transform`` sees the
+        weights times :meth:`routed_output_scale`, as :meth:`route` gives them); an index equal to the
         number of experts marks a slot that the experts module does not compute and that adds
         nothing to the output. transformers' eager experts loop skips such slots; its
         ``grouped_mm`` / ``batched_mm`` kernels mask them only when the experts module's
@@ -213,9 +231,16 @@ class MoEAdapter:
         experts = getattr(block, self.experts_attr, None)
         n = self.block_num_experts(block)
 
+        scale = self.routed_output_scale(block)
+
         def hook(_module: nn.Module, _inputs: Any, output: Any) -> Any:
             logits, weights, idx = output
-            new_w, new_idx = transform(weights, idx)
+            if scale == 1.0:
+                new_w, new_idx = transform(weights, idx)
+            else:  # the transform sees effective weights; unchanged ones come back bit-exact
+                effective = weights * scale
+                new_w, new_idx = transform(effective, idx)
+                new_w = torch.where(new_w == effective, weights, new_w / scale)
             if not self.eager_handles_sentinel and _experts_implementation(experts) == "eager":
                 dropped = new_idx >= n
                 new_w, new_idx = new_w.masked_fill(dropped, 0), new_idx.masked_fill(dropped, 0)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import PipelineError
-from pipeline.models.base import MoEAdapter, RouterTransform, RouterTransformHandle
+from pipeline.models.base import MoEAdapter
 from pipeline.models.registry import register
 from pipeline.models.routing import RoutingRule, TopKScores
 
@@ -57,22 +57,6 @@ class Cohere2MoeAdapter(MoEAdapter):
         out = block.shared_experts(x)
         return out / 2 if block.shared_expert_combination_strategy == "average" else out
 
-    @staticmethod
-    def _factor(block: nn.Module) -> float:
-        """The weight of the routed part in the block output (1/2 under ``average``)."""
+    def routed_output_scale(self, block: nn.Module) -> float:
+        """1/2 under ``average`` with shared experts, else 1."""
         return 0.5 if block.num_shared_experts > 0 and block.shared_expert_combination_strategy == "average" else 1.0
-
-    def router_decisions(self, block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The router's weights times their factor in the output (1/2 under ``average``)."""
-        _logits, weights, idx = block.gate(x)
-        return weights.float() * self._factor(block), idx
-
-    def add_router_transform(self, block: nn.Module, transform: RouterTransform) -> RouterTransformHandle:
-        """As the base, but ``transform`` sees (and returns) the effective weights, as :meth:`route` gives them."""
-        factor = self._factor(block)
-
-        def effective(weights: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            new_w, new_idx = transform(weights * factor, idx)
-            return new_w / factor, new_idx
-
-        return super().add_router_transform(block, effective)

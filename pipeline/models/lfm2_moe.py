@@ -24,6 +24,7 @@ class Lfm2MoeAdapter(MoEAdapter):
     num_experts_key = "num_experts"
     mlp_attr = "feed_forward"
     block_expert_tensors = ("expert_bias",)
+    block_choice_bias_attr = "expert_bias"
     routing_doc = "sigmoid, bias-corrected top-k, x `routed_scaling_factor`"
     renormalized_doc = "`norm_topk_prob`"
     dense_layers_doc = "first `num_dense_layers`"
@@ -44,8 +45,3 @@ class Lfm2MoeAdapter(MoEAdapter):
     def choice_bias(self, block: nn.Module) -> torch.Tensor | None:
         """``block.expert_bias`` when the model uses it."""
         return getattr(block, "expert_bias", None) if block.use_expert_bias else None
-
-    def router_decisions(self, block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The router called as the block calls it (with the block's selection bias)."""
-        _logits, weights, idx = block.gate(x, self.choice_bias(block))
-        return weights.float(), idx

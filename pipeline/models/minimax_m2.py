@@ -5,9 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-from torch import nn
-
 from pipeline.models.base import MoEAdapter
 from pipeline.models.registry import register
 from pipeline.models.routing import RoutingRule, SigmoidBiasTopK
@@ -21,6 +18,7 @@ class MiniMaxM2Adapter(MoEAdapter):
     family = "MiniMax-M2"
     num_experts_key = "num_local_experts"
     block_expert_tensors = ("e_score_correction_bias",)
+    block_choice_bias_attr = "e_score_correction_bias"
     routing_doc = "sigmoid, bias-corrected top-k"
     renormalized_doc = "yes"
     notes_doc = "selection bias lives on the block; sliced on export"
@@ -28,12 +26,3 @@ class MiniMaxM2Adapter(MoEAdapter):
     def routing_rule(self, config: Any) -> RoutingRule:
         """Sigmoid scores, top-k of score + bias, renormalised."""
         return SigmoidBiasTopK(top_k=self.top_k(config), n_group=1, topk_group=1, renormalize=True, eps=0.0)
-
-    def choice_bias(self, block: nn.Module) -> torch.Tensor | None:
-        """``block.e_score_correction_bias``."""
-        return block.e_score_correction_bias
-
-    def router_decisions(self, block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The router called as the block calls it (with the block's selection bias)."""
-        _logits, weights, idx = block.gate(x, block.e_score_correction_bias)
-        return weights.float(), idx

@@ -82,9 +82,14 @@ class SigmoidBiasTopK:
     renormalize: bool
     scale: float = 1.0
     eps: float = 1e-20  # added to the renormalisation denominator (LFM2-MoE: 1e-6, MiniMax-M2: 0)
+    softcap: float = 0.0  # logits -> softcap * tanh(logits / softcap) first, when > 0 (Laguna)
+    masked_value: float = float("-inf")  # choice score of experts outside the chosen groups (A.X K2: 0)
 
     def __call__(self, logits: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = torch.sigmoid(logits.float())
+        logits = logits.float()
+        if self.softcap > 0.0:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        scores = torch.sigmoid(logits)
         choice = scores if bias is None else scores + bias.float()
         t, m = choice.shape
         if self.n_group > 1:
@@ -93,12 +98,30 @@ class SigmoidBiasTopK:
             group_idx = torch.topk(group_scores, k=self.topk_group, dim=-1, sorted=False)[1]
             mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0)
             mask = mask.unsqueeze(-1).expand(t, self.n_group, per).reshape(t, m)
-            choice = choice.masked_fill(~mask.bool(), float("-inf"))
+            choice = choice.masked_fill(~mask.bool(), self.masked_value)
         idx = torch.topk(choice, k=self.top_k, dim=-1, sorted=False)[1]
         weights = scores.gather(1, idx)
         if self.renormalize:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + self.eps)
         return weights * self.scale, idx
+
+
+@dataclass(frozen=True)
+class LogitBiasSigmoidTopK:
+    """Kolibri: experts chosen by ``logits + bias``; weights ``sigmoid(logit)`` of the chosen,
+    optionally renormalised."""
+
+    top_k: int
+    renormalize: bool
+
+    def __call__(self, logits: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = logits.float()
+        choice = logits if bias is None else logits + bias.float()
+        idx = torch.topk(choice, self.top_k, dim=-1)[1]
+        weights = logits.gather(1, idx).sigmoid()
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights, idx
 
 
 @dataclass(frozen=True)
