@@ -353,3 +353,21 @@ def test_router_transform_identity_and_sentinel_drop(family: Family, implementat
             assert_close_rel(dropped_out, expected)
             assert not torch.allclose(dropped_out[1::2], reference[1::2])
             assert_close_rel(dropped_out[0::2], reference[0::2])
+
+
+def test_route_reproduces_the_router_in_bfloat16(family: Family, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Router logits are computed as the family's router computes them, so the choice matches in bf16
+    too (loaded as users load it: ``from_pretrained(dtype=bfloat16)`` keeps the fp32 modules fp32)."""
+    from transformers import AutoModelForCausalLM
+
+    adapter = family.adapter
+    path = tmp_path_factory.mktemp(f"{family.model_type}-bf16")
+    family.model.save_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    for i, x in capture_moe_inputs(model, adapter, family.input_ids).items():
+        block = adapter.moe_block(adapter.decoder_layers(model)[i])
+        with torch.no_grad():
+            want_w, want_ids = sorted_by_id(*adapter.router_decisions(block, x))
+            got_w, got_ids = sorted_by_id(*adapter.route(block, adapter.router_logits(block, x), model.config))
+        assert torch.equal(got_ids, want_ids), f"layer {i}: bf16 expert choice differs from the model's router"
+        torch.testing.assert_close(got_w, want_w, rtol=1e-2, atol=1e-3)
