@@ -333,6 +333,13 @@ def test_router_transform_identity_and_sentinel_drop(family: Family, implementat
             assert flag is None or experts._is_expert_parallel, "sentinel masking must be on while transforming"
             handle.remove()
             assert getattr(experts, "_is_expert_parallel", None) == flag
+            first = adapter.add_router_transform(block, lambda w, idx: (w, idx))
+            second = adapter.add_router_transform(block, lambda w, idx: (w, idx))
+            first.remove()
+            assert flag is None or experts._is_expert_parallel, "a remaining transform keeps sentinel masking on"
+            second.remove()
+            second.remove()
+            assert getattr(experts, "_is_expert_parallel", None) == flag
 
             seen: dict[str, torch.Tensor] = {}
 

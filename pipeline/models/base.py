@@ -190,8 +190,10 @@ class MoEAdapter:
         """Routing weights and expert ids ``[T, k]`` when only the experts ``kept`` remain.
 
         ``kept`` holds expert ids of ``block`` in ascending order (None: all of them); the
-        weights are those the exported model keeping exactly ``kept`` computes; the ids returned
-        are ids of ``block`` (not positions in ``kept``).
+        weights are those the exported model keeping exactly ``kept`` computes (each expert's
+        effective weight in the block output, :meth:`routed_output_scale` included); the ids
+        returned are ids of ``block`` (not positions in ``kept``). Block output =
+        ``sum_j weights[:, j] * expert_outputs[:, ids[:, j]] + shared_output``.
         """
         bias = self.choice_bias(block)
         n = logits.shape[-1]
@@ -384,18 +386,26 @@ def _experts_implementation(experts: nn.Module | None) -> str | None:
 
 
 class RouterTransformHandle:
-    """Removes a router transform and restores the experts module's sentinel flag."""
+    """Removes a router transform; the experts module's sentinel flag stays on while any transform is active."""
+
+    _USERS = "_pipeline_router_transforms"  # active transforms on an experts module, and the flag before them
 
     def __init__(self, hook: Any, experts: nn.Module | None) -> None:
         self._hook = hook
-        self._experts = experts
-        self._flag = getattr(experts, "_is_expert_parallel", None)
-        if self._flag is not None:
-            experts._is_expert_parallel = True
+        self._experts = experts if experts is not None and hasattr(experts, "_is_expert_parallel") else None
+        if self._experts is not None:
+            count, before = getattr(self._experts, self._USERS, (0, self._experts._is_expert_parallel))
+            setattr(self._experts, self._USERS, (count + 1, before))
+            self._experts._is_expert_parallel = True
 
     def remove(self) -> None:
-        """Undo :meth:`MoEAdapter.add_router_transform`."""
+        """Undo :meth:`MoEAdapter.add_router_transform` (idempotent)."""
         self._hook.remove()
-        if self._flag is not None and self._experts is not None:
-            self._experts._is_expert_parallel = self._flag
-            self._flag = None
+        if self._experts is not None:
+            count, before = getattr(self._experts, self._USERS)
+            if count <= 1:
+                delattr(self._experts, self._USERS)
+                self._experts._is_expert_parallel = before
+            else:
+                setattr(self._experts, self._USERS, (count - 1, before))
+            self._experts = None
