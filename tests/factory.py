@@ -255,7 +255,10 @@ def _sigmoid_router_settings(num_experts: int, top_k: int, layers: int, n_group:
     )
 
 
-_MLA = dict(kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, num_key_value_heads=4)
+#: Multi-head latent attention (DeepSeek-style) settings for tiny configs.
+_MLA = dict(
+    kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, num_key_value_heads=4
+)
 
 
 @tiny_config_builder("glm4_moe_lite")
@@ -424,30 +427,6 @@ def _hy_v3(num_experts: int = 8, top_k: int = 2, layers: int = 3, **kw: Any) -> 
     ))
 
 
-@tiny_config_builder("hy_v4")
-def _hy_v4(num_experts: int = 8, top_k: int = 2, layers: int = 3, **kw: Any) -> Any:
-    """Layer 0 dense; MLA with indexer and hyper-connections; sigmoid router with 2 groups."""
-    from transformers import HYV4Config
-
-    settings = dict(_sigmoid_router_settings(num_experts, top_k, layers), **_MLA, n_shared_experts=1, head_dim=8,
-                    mlp_layer_types=["dense"] + ["sparse"] * (layers - 1), index_topk=8, index_head_dim=8,
-                    index_n_heads=2, hc_mult=2)
-    settings.update(kw)
-    return HYV4Config(**_common(**settings))
-
-
-@tiny_config_builder("glm_moe_dsa")
-def _glm_moe_dsa(num_experts: int = 8, top_k: int = 2, layers: int = 3, **kw: Any) -> Any:
-    """Layer 0 dense; MLA with the sparse-attention indexer; sigmoid router with 2 groups."""
-    from transformers import GlmMoeDsaConfig
-
-    settings = dict(_sigmoid_router_settings(num_experts, top_k, layers), **_MLA, n_shared_experts=1, head_dim=8,
-                    mlp_layer_types=["dense"] + ["sparse"] * (layers - 1), first_k_dense_replace=1, index_topk=8,
-                    index_head_dim=8, index_n_heads=2)
-    settings.update(kw)
-    return GlmMoeDsaConfig(**_common(**settings))
-
-
 @tiny_config_builder("kimi_linear")
 def _kimi_linear(num_experts: int = 8, top_k: int = 2, layers: int = 3, **kw: Any) -> Any:
     """Layer 0 dense; linear and full (MLA) attention; sigmoid router with 2 groups."""
@@ -556,17 +535,6 @@ def _afmoe(num_experts: int = 8, top_k: int = 2, layers: int = 3, **kw: Any) -> 
         num_hidden_layers=layers, head_dim=8, intermediate_size=48, moe_intermediate_size=16, num_dense_layers=1,
         num_experts=num_experts, num_experts_per_tok=top_k, num_shared_experts=1, route_scale=2.0,
         sliding_window=8, global_attn_every_n_layers=2, **kw,
-    ))
-
-
-@tiny_config_builder("inkling2_text")
-def _inkling2_text(num_experts: int = 8, top_k: int = 2, layers: int = 2, **kw: Any) -> Any:
-    from transformers.models.inkling2.configuration_inkling2 import Inkling2TextConfig
-
-    return Inkling2TextConfig(**_common(
-        num_hidden_layers=layers, head_dim=8, swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=8,
-        sliding_window_size=8, moe_intermediate_size=16, n_routed_experts=num_experts, num_experts_per_tok=top_k,
-        route_scale=2.0, d_rel=4, rel_extent=16, n_layers_per_attn_res_block=1, **kw,
     ))
 
 

@@ -68,7 +68,8 @@ def family(request: pytest.FixtureRequest) -> Family:
     model_type = request.param
     model = tiny_model(model_type, seed=0)
     adapter = get_adapter(model.config)
-    input_ids = torch.randint(3, model.config.get_text_config().vocab_size, TOKENS, generator=torch.Generator().manual_seed(1))
+    vocab = model.config.get_text_config().vocab_size
+    input_ids = torch.randint(3, vocab, TOKENS, generator=torch.Generator().manual_seed(1))
     return Family(model_type, adapter, model, input_ids, capture_moe_inputs(model, adapter, input_ids))
 
 
@@ -108,7 +109,7 @@ def kept_sets(family: Family, layer: int) -> list[list[int]]:
 
 def test_every_supported_type_has_a_tiny_config() -> None:
     assert set(MODEL_TYPES) <= set(TINY_CONFIGS), f"no tiny config for {set(MODEL_TYPES) - set(TINY_CONFIGS)}"
-    assert set(TINY_CONFIGS) <= set(MODEL_TYPES), f"tiny configs without adapter: {set(TINY_CONFIGS) - set(MODEL_TYPES)}"
+    assert set(TINY_CONFIGS) <= set(MODEL_TYPES), f"no adapter for {set(TINY_CONFIGS) - set(MODEL_TYPES)}"
 
 
 def test_dense_model_is_one_clear_error() -> None:
@@ -189,6 +190,22 @@ def test_route_reproduces_the_router(family: Family) -> None:
         torch.testing.assert_close(got_w, want_w, rtol=1e-6, atol=1e-7)
 
 
+def test_streams_layer_by_layer(family: Family) -> None:
+    """The layer-streaming loop yields every MoE layer with exactly the block inputs of a full forward."""
+    from pipeline.streaming import stream_layers
+
+    adapter = family.adapter
+    model = copy.deepcopy(family.model)
+    seen = []
+    batch = family.input_ids.shape[0]  # one micro-batch: the same matmul shapes as the full forward
+    steps = stream_layers(model, adapter, family.input_ids, batch_size=batch, device=model.device, progress=False)
+    for step in steps:
+        if step.block is not None:
+            seen.append(step.index)
+            assert torch.equal(step.moe_tokens(), family.moe_inputs[step.index])
+    assert seen == adapter.moe_layer_indices(model)
+
+
 def test_routed_plus_shared_is_the_block_output(family: Family) -> None:
     adapter = family.adapter
     for i, x in family.moe_inputs.items():
@@ -236,7 +253,9 @@ def test_identity_prune_reproduces_logits_exactly(family: Family) -> None:
 
 
 @pytest.fixture(scope="module")
-def exported(family: Family, tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, nn.Module, dict[int, list[int]]]:
+def exported(
+    family: Family, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[nn.Module, nn.Module, dict[int, list[int]]]:
     """The tiny model pruned to n - 2 experts per layer in memory, and the same saved and reloaded."""
     from transformers import AutoModelForCausalLM
 
@@ -356,7 +375,8 @@ def test_router_transform_identity_and_sentinel_drop(family: Family, implementat
 
             keep = torch.ones_like(seen["w"])
             keep[1::2, -1] = 0
-            expected = with_shared(adapter, block, x, combine(seen["w"] * keep, seen["idx"], adapter.expert_outputs(block, x)))
+            routed = combine(seen["w"] * keep, seen["idx"], adapter.expert_outputs(block, x))
+            expected = with_shared(adapter, block, x, routed)
             assert_close_rel(dropped_out, expected)
             assert not torch.allclose(dropped_out[1::2], reference[1::2])
             assert_close_rel(dropped_out[0::2], reference[0::2])

@@ -35,7 +35,10 @@ class Cohere2MoeAdapter(MoEAdapter):
     def _averaged(self, config: Any) -> bool:
         text = self.text_config(config)
         if text.shared_expert_combination_strategy not in ("sum", "average"):
-            raise PipelineError(f"Cohere2-MoE shared_expert_combination_strategy {text.shared_expert_combination_strategy!r} is not supported")
+            raise PipelineError(
+                f"Cohere2-MoE shared_expert_combination_strategy {text.shared_expert_combination_strategy!r} "
+                "is not supported (sum, average)"
+            )
         return text.num_shared_experts > 0 and text.shared_expert_combination_strategy == "average"
 
     def routing_rule(self, config: Any) -> RoutingRule:

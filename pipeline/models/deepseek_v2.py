@@ -42,7 +42,9 @@ class DeepseekV2Adapter(MoEAdapter):
             return SoftmaxTopK(top_k=k, renormalize=False, scale=scale)
         if text.topk_method == "group_limited_greedy":
             return GroupLimitedSoftmax(top_k=k, n_group=int(text.n_group), topk_group=int(text.topk_group), scale=scale)
-        raise PipelineError(f"DeepSeek-V2 topk_method {text.topk_method!r} is not supported (greedy, group_limited_greedy)")
+        raise PipelineError(
+            f"DeepSeek-V2 topk_method {text.topk_method!r} is not supported (greedy, group_limited_greedy)"
+        )
 
     def config_updates(self, config: Any, r: int) -> dict[str, Any]:
         """``n_routed_experts = r``; greedy routing when the groups do not survive pruning."""
