@@ -235,19 +235,6 @@ class _ErrorAccumulator:
 
 
 # -- pruning in place ------------------------------------------------------------------------------
-def _adopt_config(model: nn.Module, old: Any, new: Any) -> None:
-    """Point every module that held ``old`` (or one of its sub-configs) at ``new`` (or its counterpart)."""
-    mapping = {id(old): new}
-    for key in getattr(old, "sub_configs", None) or {}:
-        old_sub, new_sub = getattr(old, key, None), getattr(new, key, None)
-        if old_sub is not None and new_sub is not None:
-            mapping[id(old_sub)] = new_sub
-    for module in model.modules():
-        cfg = module.__dict__.get("config")
-        if cfg is not None and id(cfg) in mapping:
-            module.config = mapping[id(cfg)]
-
-
 def _device_of(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
@@ -306,7 +293,7 @@ def prune_model(
                 f"inputs (relative error {check.rel_error:.3g} > tolerance {tol:g}); the search scored a "
                 "different routing than the exported model runs"
             )
-    _adopt_config(model, config, pruned_config)
+    adapter.adopt_pruned_config(model, pruned_config, selection.r)
     setattr(model.config, KEPT_KEY, {str(i): list(ids) for i, ids in selection.kept.items()})
     setattr(
         model.config,

@@ -16,6 +16,8 @@ class MixtralAdapter(MoEAdapter):
     model_types = ("mixtral",)
     family = "Mixtral"
     num_experts_key = "num_local_experts"
+    routing_doc = "softmax, top-k"
+    renormalized_doc = "yes"
 
     def routing_rule(self, config: Any) -> RoutingRule:
         """Softmax over the experts, top-k, renormalised."""

@@ -44,6 +44,32 @@ def get_adapter(config: Any) -> MoEAdapter:
     )
 
 
+def families_table() -> str:
+    """The supported-families table (Markdown) for docs/models.md, one row per adapter."""
+    _load_families()
+    header = "| family | `model_type` | routing rule | renormalised? | shared experts | dense layers | notes |"
+    rows = [header, "|" + "---|" * 7]
+    seen: set[int] = set()
+    for model_type in sorted(_ADAPTERS):
+        adapter = _ADAPTERS[model_type]
+        if id(adapter) in seen:
+            continue
+        seen.add(id(adapter))
+        facts = adapter.describe()
+        shared = facts["shared_experts"]
+        cells = [
+            facts["family"],
+            ", ".join(f"`{t}`" for t in facts["model_types"]),
+            facts["routing"],
+            facts["renormalized"],
+            facts.get("shared_doc") or (", ".join(f"`{s}`" for s in shared) if shared else "none"),
+            facts["dense_layers"],
+            facts["notes"],
+        ]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
 def _load_families() -> None:
     # Importing the family modules runs their @register decorators.
     from pipeline.models import families  # noqa: F401

@@ -81,9 +81,15 @@ class SigmoidBiasTopK:
     topk_group: int
     renormalize: bool
     scale: float = 1.0
+    eps: float = 1e-20  # added to the renormalisation denominator (LFM2-MoE: 1e-6, MiniMax-M2: 0)
+    softcap: float = 0.0  # logits -> softcap * tanh(logits / softcap) first, when > 0 (Laguna)
+    masked_value: float = float("-inf")  # choice score of experts outside the chosen groups (A.X K2: 0)
 
     def __call__(self, logits: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = torch.sigmoid(logits.float())
+        logits = logits.float()
+        if self.softcap > 0.0:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        scores = torch.sigmoid(logits)
         choice = scores if bias is None else scores + bias.float()
         t, m = choice.shape
         if self.n_group > 1:
@@ -92,11 +98,50 @@ class SigmoidBiasTopK:
             group_idx = torch.topk(group_scores, k=self.topk_group, dim=-1, sorted=False)[1]
             mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0)
             mask = mask.unsqueeze(-1).expand(t, self.n_group, per).reshape(t, m)
-            choice = choice.masked_fill(~mask.bool(), float("-inf"))
+            choice = choice.masked_fill(~mask.bool(), self.masked_value)
         idx = torch.topk(choice, k=self.top_k, dim=-1, sorted=False)[1]
         weights = scores.gather(1, idx)
         if self.renormalize:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + self.eps)
+        return weights * self.scale, idx
+
+
+@dataclass(frozen=True)
+class LogitBiasSigmoidTopK:
+    """Kolibri: experts chosen by ``logits + bias``; weights ``sigmoid(logit)`` of the chosen,
+    optionally renormalised."""
+
+    top_k: int
+    renormalize: bool
+
+    def __call__(self, logits: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = logits.float()
+        choice = logits if bias is None else logits + bias.float()
+        idx = torch.topk(choice, self.top_k, dim=-1)[1]
+        weights = logits.gather(1, idx).sigmoid()
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights, idx
+
+
+@dataclass(frozen=True)
+class TopKScores:
+    """Cohere2-MoE: top-k of the logits, then softmax over those k, or their sigmoid (optionally
+    renormalised); times ``scale``."""
+
+    top_k: int
+    activation: str  # "softmax" or "sigmoid"
+    renormalize: bool = False
+    scale: float = 1.0
+
+    def __call__(self, logits: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        values, idx = torch.topk(logits, self.top_k, dim=-1)
+        if self.activation == "softmax":
+            weights = torch.softmax(values.float(), dim=-1)
+        else:
+            weights = torch.sigmoid(values.float())
+            if self.renormalize:
+                weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights * self.scale, idx
 
 
@@ -109,3 +154,58 @@ class TopKSoftmax:
     def __call__(self, logits: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         values, idx = torch.topk(logits, self.top_k, dim=-1)
         return torch.softmax(values.float(), dim=-1), idx
+
+
+@dataclass(frozen=True)
+class SoftmaxBiasTopK:
+    """ERNIE-4.5-MoE: ``p = softmax(logits)``; experts chosen by ``p + bias``; weights are ``p`` of
+    the chosen experts divided by ``max(sum, norm_min)``."""
+
+    top_k: int
+    norm_min: float
+
+    def __call__(self, logits: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = torch.softmax(logits.float(), dim=-1)
+        choice = probs if bias is None else probs + bias.float().reshape(-1)
+        idx = torch.topk(choice, self.top_k, dim=-1)[1]
+        weights = probs.gather(-1, idx)
+        return weights / torch.clamp(weights.sum(dim=-1, keepdim=True), min=self.norm_min), idx
+
+
+@dataclass(frozen=True)
+class SparseMixer:
+    """PhiMoE's ``sparsemixer`` at inference (deterministic outside training), always top-2.
+
+    Expert 1 is the arg-max logit; its weight is its softmax probability over the logits within
+    ``2 * jitter_eps`` (relative) of the maximum. Expert 2 is the arg-max of the rest, weighted the
+    same way among the remaining logits. The two weights are not renormalised.
+    """
+
+    top_k: int
+    jitter_eps: float
+
+    def __call__(self, logits: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = logits.float()
+        weights, indices = [], []
+        masked = scores
+        for _ in range(self.top_k):
+            top, idx = masked.max(dim=-1, keepdim=True)
+            factor = scores.abs().clamp(min=top)
+            far = ((top - scores) / factor) > (2 * self.jitter_eps)
+            gates = torch.softmax(masked.masked_fill(far, float("-inf")), dim=-1)
+            weights.append(gates.gather(-1, idx))
+            indices.append(idx)
+            masked = torch.scatter(masked, -1, idx, float("-inf"))
+        return torch.cat(weights, dim=-1), torch.cat(indices, dim=-1)
+
+
+@dataclass(frozen=True)
+class TopKUnitWeights:
+    """Top-k of the logits with weight 1 each (Llama 4: the router's sigmoid scales the expert's
+    *input*, which the adapter folds into the expert outputs, so the output weights are 1)."""
+
+    top_k: int
+
+    def __call__(self, logits: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.topk(logits, self.top_k, dim=-1)[1]
+        return torch.ones(idx.shape, dtype=torch.float32, device=logits.device), idx
