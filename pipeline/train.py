@@ -14,7 +14,6 @@ import contextlib
 import logging
 import math
 import os
-import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -354,35 +353,27 @@ class UnigramModel:
 
 
 class RoutingRecorder:
-    """Counts each MoE router's top-k choices per layer, via forward hooks on the router modules.
-
-    Routers are found by their transformers class name (``...Router``) and recognised by their
-    ``(logits, weights, indices)`` output; the layer index comes from the module path.
-    """
+    """Counts each MoE layer's top-k expert choices, through the model adapter's router hook."""
 
     def __init__(self, model: nn.Module) -> None:
+        from pipeline.models import get_adapter
+
+        adapter = get_adapter(model.config)
         self.counts: dict[int, torch.Tensor] = {}
         self._handles: list[Any] = []
-        for name, module in model.named_modules():
-            if "router" not in type(module).__name__.lower():
-                continue
-            match = re.search(r"layers\.(\d+)\.", name + ".")
-            weight = getattr(module, "weight", None)
-            if match is None or weight is None:
-                continue
-            self._handles.append(module.register_forward_hook(self._hook(int(match.group(1)), int(weight.shape[0]))))
+        for i, layer in enumerate(adapter.decoder_layers(model)):
+            block = adapter.moe_block(layer)
+            if block is not None:
+                n = adapter.block_num_experts(block)
+                self._handles.append(adapter.add_router_transform(block, self._counter(i, n)))
 
-    def _hook(self, layer: int, n: int) -> Callable[..., None]:
-        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
-            if not (isinstance(output, tuple) and len(output) == 3):
-                return
-            idx = output[2]
-            if idx.dtype.is_floating_point:
-                return
+    def _counter(self, layer: int, n: int) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        def count(weights: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             counts = torch.bincount(idx.flatten().cpu(), minlength=n + 1)[:n].double()
             self.counts[layer] = self.counts.get(layer, torch.zeros(n, dtype=torch.float64)) + counts
+            return weights, idx
 
-        return hook
+        return count
 
     def take(self) -> dict[int, list[float]]:
         """Counts per layer since the last call, then reset."""
