@@ -259,7 +259,7 @@ class BenchmarkParams(Section):
 
     tasks: list[str] = Field(default_factory=lambda: [EMBEDDED], min_length=1)
     num_fewshot: dict[str, NonNegInt] = Field(default_factory=dict)
-    limit: PosInt | None = None
+    limit: PosInt | None = 60
     batch_size: PosInt = 16
     variants: list[Literal["original", "original_skip", "pruned", "pruned_skip"]] = Field(
         default_factory=lambda: list(VARIANTS), min_length=1

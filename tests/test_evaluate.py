@@ -18,7 +18,7 @@ from pipeline.evaluate.lmeval import average_accuracy, evaluate_model, prepare_t
 from pipeline.evaluate.memory import PeakMemory, weight_bytes
 from pipeline.evaluate.report import VariantResult, build_metrics, check_metrics, render_report, write_plots
 from pipeline.evaluate.speed import ExpertCounter, SpeedCase, encode_prompts, measure_speed
-from pipeline.evaluate.tasks import embedded_tasks, mc_task_name, ppl_task_name, select_tasks
+from pipeline.evaluate.tasks import embedded_tasks, expand_presets, mc_task_name, ppl_task_name, select_tasks
 from pipeline.io import dumps_json
 from pipeline.models import get_adapter
 from tests.factory import save_tiny_checkpoint, tiny_model, tiny_tokenizer
@@ -114,6 +114,13 @@ def test_num_fewshot_per_task_and_unknown_key(tmp_path):
         assert shots[mc_task_name("arith")] == 2 and shots[mc_task_name("prose")] == 1
         with pytest.raises(PipelineError, match=r"benchmark.num_fewshot: 'gsm8k' not among"):
             prepare_tasks(sel, {"gsm8k": 5})
+
+
+def test_paper_preset_is_one_switch():
+    names, shots = expand_presets(["paper", "embedded"], {"mmlu": 5})
+    assert names == ["boolq", "rte", "arc_challenge", "arc_easy", "hellaswag", "winogrande", "openbookqa", "mmlu", "gsm8k", "embedded"]
+    assert shots == {"gsm8k": 5, "mmlu": 5}
+    assert expand_presets(["paper"], {"gsm8k": 8})[1] == {"gsm8k": 8}  # the user's count wins
 
 
 def test_missing_data_is_one_clear_error(tmp_path):

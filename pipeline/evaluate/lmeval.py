@@ -49,8 +49,8 @@ def _load_one(manager: Any, name: str) -> dict[str, Any]:
     except (ConnectionError, FileNotFoundError, OSError) as exc:
         raise PipelineError(
             f"benchmark.tasks: cannot load the data of lm-eval task {name!r} offline ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}); cache the dataset once with network access "
-            "or drop the task"
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); cache it once with HF_DATASETS_OFFLINE=0 "
+            "HF_HUB_OFFLINE=0 and network access, or drop the task"
         ) from None
 
 

@@ -27,7 +27,7 @@ from pipeline.evaluate.lmeval import evaluate_checkpoint_vllm, evaluate_model, t
 from pipeline.evaluate.memory import PeakMemory, weight_bytes
 from pipeline.evaluate.report import VariantResult
 from pipeline.evaluate.speed import SpeedCase, SpeedResult, encode_prompts, measure_speed
-from pipeline.evaluate.tasks import MC_SUFFIX, PPL_SUFFIX, select_tasks
+from pipeline.evaluate.tasks import MC_SUFFIX, PPL_SUFFIX, expand_presets, select_tasks
 from pipeline.io import write_json
 
 log = logging.getLogger(__name__)
@@ -179,7 +179,8 @@ def run_accuracy(
     loader = loader or ModelLoader(settings)
     results_dir.mkdir(parents=True, exist_ok=True)
     out: dict[str, VariantResult] = {}
-    with select_tasks(settings.tasks, eval_dir) as selection:
+    names, num_fewshot = expand_presets(settings.tasks, settings.num_fewshot)
+    with select_tasks(names, eval_dir) as selection:
         for path, group in _by_checkpoint(variants).items():
             if settings.backend == "vllm":
                 for v in group:
@@ -191,7 +192,7 @@ def run_accuracy(
                         dtype=str(settings.dtype).removeprefix("torch."),
                         batch_size=settings.batch_size,
                         limit=settings.limit,
-                        num_fewshot=settings.num_fewshot,
+                        num_fewshot=num_fewshot,
                         trust_remote_code=settings.trust_remote_code,
                     )
                     write_json(results_dir / f"{v.name}.json", _json_safe(raw))
@@ -211,7 +212,7 @@ def run_accuracy(
                             selection,
                             batch_size=settings.batch_size,
                             limit=settings.limit,
-                            num_fewshot=settings.num_fewshot,
+                            num_fewshot=num_fewshot,
                         )
                     skip_stats = handle.stats() if handle is not None else {}
                 finally:

@@ -13,7 +13,7 @@ import difflib
 import json
 import logging
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,10 +26,15 @@ log = logging.getLogger(__name__)
 
 #: The tag (and the ``benchmark.tasks`` token) naming every embedded task.
 EMBEDDED = "embedded"
+#: The ``benchmark.tasks`` token for the paper's evaluation (Lu et al. 2024, Table 1).
+PAPER = "paper"
+PAPER_TASKS = ("boolq", "rte", "arc_challenge", "arc_easy", "hellaswag", "winogrande", "openbookqa", "mmlu", "gsm8k")
+#: Few-shot counts of the paper's protocol (every other task zero-shot).
+PAPER_FEWSHOT = {"gsm8k": 5}
 MC_SUFFIX = "_mc.jsonl"
 PPL_SUFFIX = "_ppl.jsonl"
 #: Where users find valid lm-eval task names.
-LIST_HINT = "list valid names with `lm-eval ls tasks`; 'embedded' = the corpus stage's tasks"
+LIST_HINT = "list valid names with `lm-eval ls tasks`; 'embedded' = the corpus stage's tasks, 'paper' = the paper's"
 
 
 @dataclass(frozen=True)
@@ -170,6 +175,20 @@ class TaskSelection:
         for name in self.requested:
             out.extend(t.name for t in self.embedded) if name == EMBEDDED else out.append(name)
         return out
+
+
+def expand_presets(names: Sequence[str], num_fewshot: Mapping[str, int] | None = None) -> tuple[list[str], dict[str, int]]:
+    """Replace the ``paper`` token by the paper's tasks, adding its few-shot counts under the user's."""
+    out: list[str] = []
+    shots: dict[str, int] = {}
+    for name in names:
+        if name == PAPER:
+            out.extend(PAPER_TASKS)
+            shots.update(PAPER_FEWSHOT)
+        else:
+            out.append(name)
+    shots.update(num_fewshot or {})
+    return list(dict.fromkeys(out)), shots
 
 
 def _needs_embedded(names: Sequence[str]) -> bool:
