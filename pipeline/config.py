@@ -250,7 +250,7 @@ class SpeedParams(Section):
 
     prompts: PosInt = 4
     new_tokens: PosInt = 48
-    repeats: PosInt = 3
+    repeats: PosInt = 5
     warmup: NonNegInt = 1
 
 

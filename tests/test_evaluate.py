@@ -13,12 +13,37 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.config import VARIANTS
 from pipeline.errors import PipelineError
-from pipeline.evaluate.lmeval import average_accuracy, evaluate_model, prepare_tasks, primary_metric, task_metrics
+from pipeline.evaluate.lmeval import (
+    average_accuracy,
+    evaluate_model,
+    prepare_tasks,
+    primary_metric,
+    task_metrics,
+)
 from pipeline.evaluate.memory import PeakMemory, weight_bytes
-from pipeline.evaluate.report import VariantResult, build_metrics, check_metrics, render_report, write_plots
-from pipeline.evaluate.speed import ExpertCounter, SpeedCase, encode_prompts, measure_speed
-from pipeline.evaluate.tasks import embedded_tasks, expand_presets, mc_task_name, ppl_task_name, select_tasks
+from pipeline.evaluate.report import (
+    VariantResult,
+    build_metrics,
+    check_metrics,
+    render_report,
+    write_plots,
+)
+from pipeline.evaluate.runner import build_variants
+from pipeline.evaluate.speed import (
+    ExpertCounter,
+    SpeedCase,
+    encode_prompts,
+    measure_speed,
+)
+from pipeline.evaluate.tasks import (
+    embedded_tasks,
+    expand_presets,
+    mc_task_name,
+    ppl_task_name,
+    select_tasks,
+)
 from pipeline.io import dumps_json
 from pipeline.models import get_adapter
 from tests.factory import save_tiny_checkpoint, tiny_model, tiny_tokenizer
@@ -85,7 +110,9 @@ def test_embedded_tasks_run_offline_through_lm_eval(lm_results):
     for domain in ("code", "prose"):
         mc = metrics[mc_task_name(domain)]
         assert 0.0 <= mc["acc"] <= 1.0 and 0.0 <= mc["acc_norm"] <= 1.0
-        expected = _direct_mc_accuracy(lm_results["model"], lm_results["tok"], lm_results["eval_dir"] / f"{domain}_mc.jsonl")
+        expected = _direct_mc_accuracy(
+            lm_results["model"], lm_results["tok"], lm_results["eval_dir"] / f"{domain}_mc.jsonl"
+        )
         assert mc["acc"] == pytest.approx(expected)
         ppl = metrics[ppl_task_name(domain)]
         assert ppl["word_perplexity"] > 1.0
@@ -103,7 +130,10 @@ def test_average_accuracy_uses_accuracy_tasks_only(lm_results):
     assert average_accuracy(metrics) == pytest.approx(sum(mcs) / 2)
     assert primary_metric(ppl_task_name("code"), metrics[ppl_task_name("code")]) is None
     assert primary_metric("hellaswag", {"acc": 0.3, "acc_norm": 0.4}) == "acc_norm"
-    assert primary_metric("gsm8k", {"exact_match_strict-match": 0.5, "exact_match_flexible-extract": 0.6}) == "exact_match_strict-match"
+    assert (
+        primary_metric("gsm8k", {"exact_match_strict-match": 0.5, "exact_match_flexible-extract": 0.6})
+        == "exact_match_strict-match"
+    )
 
 
 def test_num_fewshot_per_task_and_unknown_key(tmp_path):
@@ -118,7 +148,18 @@ def test_num_fewshot_per_task_and_unknown_key(tmp_path):
 
 def test_paper_preset_is_one_switch():
     names, shots = expand_presets(["paper", "embedded"], {"mmlu": 5})
-    assert names == ["boolq", "rte", "arc_challenge", "arc_easy", "hellaswag", "winogrande", "openbookqa", "mmlu", "gsm8k", "embedded"]
+    assert names == [
+        "boolq",
+        "rte",
+        "arc_challenge",
+        "arc_easy",
+        "hellaswag",
+        "winogrande",
+        "openbookqa",
+        "mmlu",
+        "gsm8k",
+        "embedded",
+    ]
     assert shots == {"gsm8k": 5, "mmlu": 5}
     assert expand_presets(["paper"], {"gsm8k": 8})[1] == {"gsm8k": 8}  # the user's count wins
 
@@ -169,7 +210,9 @@ def test_expert_counter_counts_routed_and_skipped_slots():
         idx[:, 1] = n
         return w, idx
 
-    handles = [adapter.add_router_transform(adapter.moe_block(layer), drop_second) for layer in adapter.decoder_layers(model)]
+    handles = [
+        adapter.add_router_transform(adapter.moe_block(layer), drop_second) for layer in adapter.decoder_layers(model)
+    ]
     try:
         with ExpertCounter(model) as counter, torch.no_grad():
             model(ids)
@@ -184,7 +227,9 @@ def test_speed_interleaved_reports_every_variant():
     big, small = tiny_model(seed=0), tiny_model(seed=0, num_experts=4)
     prompts = encode_prompts(tok, ["def f(x):", "The quick brown fox"], count=3, max_tokens=16)
     assert len(prompts) == 3 and all(p.shape[0] == 1 for p in prompts)
-    res = measure_speed([SpeedCase("original", big), SpeedCase("pruned", small)], prompts, new_tokens=5, repeats=2, warmup=0)
+    res = measure_speed(
+        [SpeedCase("original", big), SpeedCase("pruned", small)], prompts, new_tokens=5, repeats=2, warmup=0
+    )
     for r in res.values():
         assert len(r.runs) == 2 and r.tokens_per_s > 0
         assert r.new_tokens_per_run == 3 * 5  # exactly new_tokens per prompt, no early stop
@@ -204,12 +249,42 @@ def test_weight_bytes_and_peak_memory():
 
 
 def _results() -> list[VariantResult]:
-    tasks = {"embedded_code_mc": {"acc": 0.5, "acc_norm": 0.25}, "embedded_code_ppl": {"word_perplexity": 12.0, "bits_per_byte": 1.5}}
-    pruned = {"embedded_code_mc": {"acc": 0.4, "acc_norm": 0.3}, "embedded_code_ppl": {"word_perplexity": 15.0, "bits_per_byte": 1.7}}
+    tasks = {
+        "embedded_code_mc": {"acc": 0.5, "acc_norm": 0.25},
+        "embedded_code_ppl": {"word_perplexity": 12.0, "bits_per_byte": 1.5},
+    }
+    pruned = {
+        "embedded_code_mc": {"acc": 0.4, "acc_norm": 0.3},
+        "embedded_code_ppl": {"word_perplexity": 15.0, "bits_per_byte": 1.7},
+    }
     return [
-        VariantResult("original", tasks, weight_bytes=8_000_000, experts_per_layer=8, tokens_per_s=100.0, peak_rss_bytes=10**9, expert_evals_per_token=2.0),
-        VariantResult("pruned", pruned, weight_bytes=6_000_000, experts_per_layer=6, tokens_per_s=125.0, peak_rss_bytes=9 * 10**8, expert_evals_per_token=2.0),
-        VariantResult("pruned_skip", pruned, weight_bytes=6_000_000, experts_per_layer=6, tokens_per_s=float("nan"), expert_evals_per_token=1.5, skipped_fraction=0.25),
+        VariantResult(
+            "original",
+            tasks,
+            weight_bytes=8_000_000,
+            experts_per_layer=8,
+            tokens_per_s=100.0,
+            peak_rss_bytes=10**9,
+            expert_evals_per_token=2.0,
+        ),
+        VariantResult(
+            "pruned",
+            pruned,
+            weight_bytes=6_000_000,
+            experts_per_layer=6,
+            tokens_per_s=125.0,
+            peak_rss_bytes=9 * 10**8,
+            expert_evals_per_token=2.0,
+        ),
+        VariantResult(
+            "pruned_skip",
+            pruned,
+            weight_bytes=6_000_000,
+            experts_per_layer=6,
+            tokens_per_s=float("nan"),
+            expert_evals_per_token=1.5,
+            skipped_fraction=0.25,
+        ),
     ]
 
 
@@ -236,14 +311,25 @@ def test_report_has_paper_layout_and_plots(tmp_path):
     text = render_report(metrics, {"speed": "greedy"})
     lines = text.splitlines()
     header = next(line for line in lines if line.startswith("| Model | Experts"))
-    assert header == "| Model | Experts | embedded_code_mc | Average | Memory (GB) | Speed-up |"
-    assert "| original | 8 | 50.00 | 50.00 | 0.008 | 1.00x |" in lines
-    assert "| pruned | 6 | 40.00 | 40.00 | 0.006 | 1.25x |" in lines
-    assert "| pruned_skip | 6 | 40.00 | 40.00 | 0.006 | - |" in lines
+    assert header == "| Model | Experts | embedded_code_mc | Average | Memory (MB) | Speed-up |"
+    assert "| original | 8 | 50.00 | 50.00 | 8.0 | 1.00x |" in lines
+    assert "| pruned | 6 | 40.00 | 40.00 | 6.0 | 1.25x |" in lines
+    assert "| pruned_skip | 6 | 40.00 | 40.00 | 6.0 | - |" in lines
     assert any(line.startswith("| Model | embedded_code_ppl bits_per_byte") for line in lines)
+    big = build_metrics(
+        [VariantResult("original", {"boolq": {"acc": 0.85}}, weight_bytes=89_900_000_000, tokens_per_s=10.0)]
+    )
+    assert "| original | - | 85.00 | 85.00 | 89.9 | 1.00x |" in render_report(big).splitlines()
     files = write_plots(metrics, tmp_path / "plots")
     names = {f.name for f in files}
-    assert {"accuracy_vs_memory.png", "task_accuracy.png", "speedup.png", "accuracy_vs_memory.json", "task_accuracy.json", "speedup.json"} <= names
+    assert {
+        "accuracy_vs_memory.png",
+        "task_accuracy.png",
+        "speedup.png",
+        "accuracy_vs_memory.json",
+        "task_accuracy.json",
+        "speedup.json",
+    } <= names
     for f in files:
         if f.suffix == ".png":
             assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -254,13 +340,47 @@ def test_report_has_paper_layout_and_plots(tmp_path):
 
 
 def test_skip_variants_evaluate_and_count_fewer_experts(tmp_path):
-    skipping = pytest.importorskip("pipeline.skipping")
-    model, tok = tiny_model(seed=0), tiny_tokenizer()
-    prompts = encode_prompts(tok, ["def f(x): return x + 1"], count=2, max_tokens=16)
-    thresholds = {str(i): 0.9 for i in range(model.config.num_hidden_layers)}
-    res = measure_speed([SpeedCase("original", model), SpeedCase("original_skip", model, skip=True, thresholds=thresholds)], prompts, 4, 1)
-    assert res["original_skip"].expert_evals_per_token < res["original"].expert_evals_per_token == pytest.approx(2.0)
-    assert not any(h for h in getattr(skipping, "_active", ()))  # handles removed after each round
+    """All four variants through the runner (needs pipeline.skipping; runs once it is merged)."""
+    pytest.importorskip("pipeline.skipping")
+    from pipeline.evaluate.runner import (
+        BenchmarkSettings,
+        SpeedSettings,
+        build_variants,
+        run_benchmark,
+    )
+
+    original = save_tiny_checkpoint(tmp_path / "original", seed=0)
+    pruned = save_tiny_checkpoint(tmp_path / "pruned", seed=0, num_experts=6)
+    eval_dir = write_eval_data(tmp_path / "eval", mc_items=3, ppl_docs=1)
+    layers = {str(i): 0.9 for i in range(2)}
+    variants = build_variants(list(VARIANTS), original, pruned, {"original": layers, "pruned": layers})
+    assert [(v.name, v.pruned, v.skip) for v in variants] == [
+        ("original", False, False),
+        ("original_skip", False, True),
+        ("pruned", True, False),
+        ("pruned_skip", True, True),
+    ]
+    settings = BenchmarkSettings(
+        tasks=["embedded"],
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        batch_size=4,
+        speed=SpeedSettings(prompts=2, new_tokens=4, repeats=1, warmup=0),
+    )
+    results = {r.name: r for r in run_benchmark(variants, settings, eval_dir, tmp_path / "results")}
+    for name in ("original", "pruned"):
+        assert results[name].expert_evals_per_token == pytest.approx(2.0)
+        assert results[f"{name}_skip"].expert_evals_per_token < 2.0
+        assert results[f"{name}_skip"].weight_bytes == results[name].weight_bytes
+    assert results["pruned"].weight_bytes < results["original"].weight_bytes
+    assert set(results["original_skip"].tasks) == set(results["original"].tasks)
+
+
+def test_build_variants_errors(tmp_path):
+    with pytest.raises(PipelineError, match=r"thresholds.json: no 'pruned' thresholds for variant pruned_skip"):
+        build_variants(["pruned_skip"], tmp_path, tmp_path, {"original": {"0": 0.5}})
+    variants = build_variants(["original", "pruned"], tmp_path / "a", tmp_path / "b", None)
+    assert [v.checkpoint.name for v in variants] == ["a", "b"] and not any(v.skip for v in variants)
 
 
 def _fake_upstream(root: Path) -> None:
@@ -275,8 +395,14 @@ def _fake_upstream(root: Path) -> None:
     manifest = type(manifest)(**{**vars(manifest), "path": "outputs/model/checkpoint"})
     manifest.save(out / "model" / "manifest.json")
     write_eval_data(out / "corpus" / "eval", domains=("code", "prose"), mc_items=4, ppl_docs=1)
-    write_json(out / "search" / "selection.json", {"strategy": "enumerate", "mode": "layerwise", "r": 6, "calibration": "general", "layers": []})
-    write_json(out / "skip" / "thresholds.json", {"quantile": 0.5, "calibration": "general", "rule": "tail", "original": {"0": 0.5}, "pruned": {"0": 0.5}})
+    write_json(
+        out / "search" / "selection.json",
+        {"strategy": "enumerate", "mode": "layerwise", "r": 6, "calibration": "general", "layers": []},
+    )
+    write_json(
+        out / "skip" / "thresholds.json",
+        {"quantile": 0.5, "calibration": "general", "rule": "tail", "original": {"0": 0.5}, "pruned": {"0": 0.5}},
+    )
     for stage_dir in ("corpus", "model", "search", "export", "skip"):
         write_json(out / stage_dir / "run.json", {"run_id": None})
 
@@ -294,7 +420,9 @@ def test_stage_end_to_end_with_mlflow_and_dvc(tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     (tmp_path / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())
     env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    proc = subprocess.run([sys.executable, "-m", "stages.benchmark"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "stages.benchmark"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     bench = tmp_path / "outputs" / "benchmark"
     metrics = json.loads((bench / "metrics.json").read_text())
@@ -302,28 +430,49 @@ def test_stage_end_to_end_with_mlflow_and_dvc(tmp_path):
     assert set(metrics["variants"]) == {"original", "pruned"}
     assert metrics["variants"]["original"]["speedup"] == 1.0
     assert metrics["variants"]["pruned"]["weight_bytes"] < metrics["variants"]["original"]["weight_bytes"]
-    assert set(metrics["variants"]["pruned"]["tasks"]) == {"embedded_code_mc", "embedded_code_ppl", "embedded_prose_mc", "embedded_prose_ppl"}
+    assert set(metrics["variants"]["pruned"]["tasks"]) == {
+        "embedded_code_mc",
+        "embedded_code_ppl",
+        "embedded_prose_mc",
+        "embedded_prose_ppl",
+    }
     assert (bench / "results" / "original.json").is_file() and (bench / "results" / "speed.json").is_file()
-    assert "| Model | Experts | embedded_code_mc | embedded_prose_mc | Average | Memory (GB) | Speed-up |" in (bench / "report.md").read_text()
+    assert (
+        "| Model | Experts | embedded_code_mc | embedded_prose_mc | Average | Memory (MB) | Speed-up |"
+        in (bench / "report.md").read_text()
+    )
 
     import mlflow
 
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     parent = json.loads((bench / "run.json").read_text())["run_id"]
-    runs = mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.mlflow.parentRunId = '{parent}'", output_format="list")
+    runs = mlflow.search_runs(
+        search_all_experiments=True, filter_string=f"tags.mlflow.parentRunId = '{parent}'", output_format="list"
+    )
     by_name = {r.info.run_name: r for r in runs}
     assert set(by_name) == {"original", "pruned"}
-    assert by_name["pruned"].data.params["search.r"] == "6" and by_name["pruned"].data.params["search.strategy"] == "enumerate"
+    assert (
+        by_name["pruned"].data.params["search.r"] == "6"
+        and by_name["pruned"].data.params["search.strategy"] == "enumerate"
+    )
     assert "search.r" not in by_name["original"].data.params
     assert by_name["original"].data.params["model.num_experts"] == "8"
-    assert by_name["pruned"].data.metrics["average_accuracy"] == pytest.approx(metrics["variants"]["pruned"]["average_accuracy"])
+    assert by_name["pruned"].data.metrics["average_accuracy"] == pytest.approx(
+        metrics["variants"]["pruned"]["average_accuracy"]
+    )
     assert "embedded_code_mc/acc" in by_name["original"].data.metrics
 
     dvc = [sys.executable, "-m", "dvc"]
     subprocess.run([*dvc, "init", "--no-scm", "-q"], cwd=tmp_path, check=True, env=env)
-    shown = subprocess.run([*dvc, "metrics", "show", "--json"], cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
+    shown = subprocess.run(
+        [*dvc, "metrics", "show", "--json"], cwd=tmp_path, env=env, capture_output=True, text=True, check=True
+    )
     assert "average_accuracy" in shown.stdout
-    plots = subprocess.run([*dvc, "plots", "show", "--json"], cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
+    plots = subprocess.run(
+        [*dvc, "plots", "show", "--json"], cwd=tmp_path, env=env, capture_output=True, text=True, check=True
+    )
     rendered = json.loads(plots.stdout)["data"]
-    assert "Average accuracy vs weight memory" in rendered and "outputs/benchmark/plots/speedup.png" in rendered, list(rendered)
+    assert "Average accuracy vs weight memory" in rendered and "outputs/benchmark/plots/speedup.png" in rendered, list(
+        rendered
+    )
     assert math.isfinite(metrics["variants"]["pruned"]["tokens_per_s"])

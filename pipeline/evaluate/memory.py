@@ -97,4 +97,8 @@ class PeakMemory:
 
     def as_dict(self) -> dict[str, Any]:
         """``peak_rss_bytes``, ``peak_cuda_bytes`` (None without CUDA) and ``rss_scope``."""
-        return {"peak_rss_bytes": self.peak_rss_bytes, "peak_cuda_bytes": self.peak_cuda_bytes, "rss_scope": self.rss_scope}
+        return {
+            "peak_rss_bytes": self.peak_rss_bytes,
+            "peak_cuda_bytes": self.peak_cuda_bytes,
+            "rss_scope": self.rss_scope,
+        }

@@ -98,6 +98,13 @@ def check_metrics(doc: Mapping[str, Any]) -> None:
                 raise PipelineError(f"benchmark metrics: {name}/{task}: non-numeric metric(s) {', '.join(bad)}")
 
 
+def flat_metrics(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """One variant's metrics as flat scalars (``<task>/<metric>`` for task metrics), e.g. for MLflow."""
+    flat = {k: v for k, v in entry.items() if k != "tasks"}
+    flat.update({f"{task}/{m}": v for task, ms in entry["tasks"].items() for m, v in ms.items()})
+    return flat
+
+
 def _fmt(value: float | None, spec: str, scale: float = 1.0, suffix: str = "") -> str:
     if value is None:
         return "-"
@@ -130,7 +137,9 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return lines
 
 
-def render_report(metrics: Mapping[str, Any], settings: Mapping[str, Any] | None = None, title: str = "Benchmark") -> str:
+def render_report(
+    metrics: Mapping[str, Any], settings: Mapping[str, Any] | None = None, title: str = "Benchmark"
+) -> str:
     """Markdown: the paper's Table-1 layout (variants as rows; tasks, average, memory, speed-up),
     then per-domain perplexity, speed and memory details, and the settings."""
     variants = metrics["variants"]
@@ -142,7 +151,9 @@ def render_report(metrics: Mapping[str, Any], settings: Mapping[str, Any] | None
         "speed-up = greedy decoding tokens/s at batch size 1 relative to `original`.",
         "",
     ]
-    header = ["Model", "Experts", *acc_tasks, "Average", "Memory (GB)", "Speed-up"]
+    largest = max((e["weight_bytes"] or 0 for e in variants.values()), default=0)
+    unit, scale = ("GB", 1e-9) if largest >= 1e9 else ("MB", 1e-6)
+    header = ["Model", "Experts", *acc_tasks, "Average", f"Memory ({unit})", "Speed-up"]
     rows = []
     for name, e in variants.items():
         cells = [name, _fmt(e.get("experts_per_layer"), "d")]
@@ -152,7 +163,7 @@ def render_report(metrics: Mapping[str, Any], settings: Mapping[str, Any] | None
             cells.append(_fmt(m.get(p) if p else None, ".2f", 100))
         cells += [
             _fmt(e["average_accuracy"], ".2f", 100),
-            _fmt(e["weight_bytes"], ".3f", 1e-9),
+            _fmt(e["weight_bytes"], ".1f", scale),
             _fmt(e["speedup"], ".2f", suffix="x"),
         ]
         rows.append(cells)
@@ -164,10 +175,22 @@ def render_report(metrics: Mapping[str, Any], settings: Mapping[str, Any] | None
     if ppl_tasks:
         lines += ["", "## Perplexity (rolling log-likelihood)", ""]
         header = ["Model"] + [f"{t} {c}" for t in ppl_tasks for c in PPL_COLUMNS]
-        rows = [[name] + [_fmt(e["tasks"].get(t, {}).get(c), ".3f") for t in ppl_tasks for c in PPL_COLUMNS] for name, e in variants.items()]
+        rows = [
+            [name] + [_fmt(e["tasks"].get(t, {}).get(c), ".3f") for t in ppl_tasks for c in PPL_COLUMNS]
+            for name, e in variants.items()
+        ]
         lines += _table(header, rows)
     lines += ["", "## Speed and memory", ""]
-    header = ["Model", "Tokens/s", "Speed-up", "Expert evals / token / layer", "Skipped", "Weights (MB)", "Peak RSS (MB)", "Peak CUDA (MB)"]
+    header = [
+        "Model",
+        "Tokens/s",
+        "Speed-up",
+        "Expert evals / token / layer",
+        "Skipped",
+        "Weights (MB)",
+        "Peak RSS (MB)",
+        "Peak CUDA (MB)",
+    ]
     rows = [
         [
             name,
@@ -228,7 +251,12 @@ def write_plots(metrics: Mapping[str, Any], directory: str | Path) -> list[Path]
     fig, ax = plt.subplots(figsize=(6, 4))
     for row in data["accuracy_vs_memory"]:
         ax.scatter(row["weight_gb"] * 1e3, row["average_accuracy"] * 100)
-        ax.annotate(row["variant"], (row["weight_gb"] * 1e3, row["average_accuracy"] * 100), textcoords="offset points", xytext=(4, 4))
+        ax.annotate(
+            row["variant"],
+            (row["weight_gb"] * 1e3, row["average_accuracy"] * 100),
+            textcoords="offset points",
+            xytext=(4, 4),
+        )
     ax.set_title("Average accuracy vs weight memory")
     ax.set_xlabel("weight memory (MB)")
     ax.set_ylabel("average accuracy (%)")

@@ -185,7 +185,9 @@ def run_accuracy(
             if settings.backend == "vllm":
                 for v in group:
                     if v.skip:
-                        raise PipelineError(f"benchmark.variants: {v.name} needs dynamic skipping, which the vllm backend cannot run")
+                        raise PipelineError(
+                            f"benchmark.variants: {v.name} needs dynamic skipping, which the vllm backend cannot run"
+                        )
                     raw, rows = evaluate_checkpoint_vllm(
                         path,
                         selection,
@@ -327,7 +329,6 @@ def run_benchmark(
     return out
 
 
-
 #: Variant name -> (uses the pruned checkpoint, dynamic skipping on).
 VARIANT_KINDS = {
     "original": (False, False),
@@ -362,7 +363,9 @@ def build_variants(
             key = "pruned" if is_pruned else "original"
             table = (thresholds or {}).get(key)
             if not isinstance(table, Mapping) or not table:
-                raise PipelineError(f"{thresholds_file}: no {key!r} thresholds for variant {name} (run: dvc repro skip_calibration)")
+                raise PipelineError(
+                    f"{thresholds_file}: no {key!r} thresholds for variant {name} (run: dvc repro skip_calibration)"
+                )
         out.append(Variant(name=name, checkpoint=Path(path), thresholds=table, pruned=is_pruned))
     return out
 
@@ -394,3 +397,25 @@ def variant_params(
         for key in ("quantile", "calibration", "rule"):
             params[f"skip.{key}"] = thresholds.get(key)
     return {k: v for k, v in params.items() if v is not None}
+
+
+def describe_settings(
+    manifest: Mapping[str, Any],
+    selection: Mapping[str, Any] | None,
+    thresholds: Mapping[str, Any] | None,
+    settings: BenchmarkSettings,
+) -> dict[str, str]:
+    """Human-readable settings for the report: model, pruning, skipping, device and protocol."""
+    sel, th, sp = selection or {}, thresholds or {}, settings.speed
+    return {
+        "model": f"{manifest.get('source')} ({manifest.get('model_type')}, {manifest.get('num_experts')} experts, "
+        f"top-{manifest.get('top_k')})",
+        "pruning": f"{sel.get('strategy')} / {sel.get('mode')}, r={sel.get('r')}, calibration {sel.get('calibration')}",
+        "skipping": f"quantile {th.get('quantile')}, calibration {th.get('calibration')}" if thresholds else "-",
+        "device / dtype": f"{settings.device} / {str(settings.dtype).removeprefix('torch.')} "
+        f"(device_map {settings.device_map}), experts implementation {EXPERTS_IMPLEMENTATION}",
+        "lm-eval": f"backend {settings.backend}, tasks {list(settings.tasks)}, "
+        f"num_fewshot {dict(settings.num_fewshot)}, limit {settings.limit}, batch size {settings.batch_size}",
+        "speed": f"greedy, batch size 1, {sp.prompts} prompts x {sp.new_tokens} new tokens, median of {sp.repeats} "
+        f"interleaved repeats after {max(1, sp.warmup)} untimed",
+    }

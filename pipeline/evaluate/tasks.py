@@ -97,7 +97,9 @@ def embedded_tasks(eval_dir: str | Path, domains: Sequence[str] | None = None) -
     eval_dir = Path(eval_dir).resolve()
     domains = list(domains) if domains is not None else discover_domains(eval_dir)
     if not domains:
-        raise PipelineError(f"{eval_dir / ('<domain>' + MC_SUFFIX)}: no embedded benchmark data (run: dvc repro corpus)")
+        raise PipelineError(
+            f"{eval_dir / ('<domain>' + MC_SUFFIX)}: no embedded benchmark data (run: dvc repro corpus)"
+        )
     tasks: list[EmbeddedTask] = []
     for domain in domains:
         mc = eval_dir / f"{domain}{MC_SUFFIX}"
@@ -177,7 +179,9 @@ class TaskSelection:
         return out
 
 
-def expand_presets(names: Sequence[str], num_fewshot: Mapping[str, int] | None = None) -> tuple[list[str], dict[str, int]]:
+def expand_presets(
+    names: Sequence[str], num_fewshot: Mapping[str, int] | None = None
+) -> tuple[list[str], dict[str, int]]:
     """Replace the ``paper`` token by the paper's tasks, adding its few-shot counts under the user's."""
     out: list[str] = []
     shots: dict[str, int] = {}
@@ -202,7 +206,10 @@ def _needs_defaults(names: Sequence[str], embedded: Sequence[EmbeddedTask]) -> b
 
 @contextlib.contextmanager
 def select_tasks(
-    names: Sequence[str], eval_dir: str | Path | None, domains: Sequence[str] | None = None, key: str = "benchmark.tasks"
+    names: Sequence[str],
+    eval_dir: str | Path | None,
+    domains: Sequence[str] | None = None,
+    key: str = "benchmark.tasks",
 ) -> Iterator[TaskSelection]:
     """Resolve ``names`` into a :class:`TaskSelection` whose include directory lives for the block.
 
@@ -233,7 +240,11 @@ def select_tasks(
         for n in names:
             report.extend(t.name for t in embedded) if n == EMBEDDED else report.append(n)
         yield TaskSelection(
-            requested=names, report_names=list(dict.fromkeys(report)), embedded=embedded, include_dir=include, manager=manager
+            requested=names,
+            report_names=list(dict.fromkeys(report)),
+            embedded=embedded,
+            include_dir=include,
+            manager=manager,
         )
 
 
