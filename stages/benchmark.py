@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from pipeline.errors import PipelineError  # noqa: E402
 from pipeline.evaluate import BenchmarkSettings, SpeedSettings, build_metrics, run_benchmark, write_plots  # noqa: E402
-from pipeline.evaluate.report import flat_metrics, write_report  # noqa: E402
+from pipeline.evaluate.report import check_metrics, flat_metrics, write_report  # noqa: E402
 from pipeline.evaluate.runner import build_variants, describe_settings, variant_params  # noqa: E402
 from pipeline.io import read_json, write_json  # noqa: E402
 from pipeline.models.loading import ModelManifest, checkpoint_fingerprint  # noqa: E402
@@ -60,6 +60,7 @@ def main(ctx: StageContext) -> None:
     )
     results = run_benchmark(variants, settings, stage_dir("corpus") / "eval", ctx.out / "results")
     metrics = build_metrics(results)
+    check_metrics(metrics)
     write_json(ctx.out / "metrics.json", metrics)
     report_settings = describe_settings(vars(manifest), selection, thresholds, settings)
     write_report(metrics, ctx.out / "report.md", report_settings)

@@ -436,7 +436,10 @@ def test_stage_end_to_end_with_mlflow_and_dvc(tmp_path):
         "embedded_prose_mc",
         "embedded_prose_ppl",
     }
-    assert (bench / "results" / "original.json").is_file() and (bench / "results" / "speed.json").is_file()
+    for name in ("original.json", "pruned.json", "speed.json", "variants.json"):
+        assert (bench / "results" / name).is_file(), name
+    raw = json.loads((bench / "results" / "pruned.json").read_text())
+    assert {"results", "configs", "versions", "n-shot"} <= set(raw)
     assert (
         "| Model | Experts | embedded_code_mc | embedded_prose_mc | Average | Memory (MB) | Speed-up |"
         in (bench / "report.md").read_text()
@@ -476,3 +479,34 @@ def test_stage_end_to_end_with_mlflow_and_dvc(tmp_path):
         rendered
     )
     assert math.isfinite(metrics["variants"]["pruned"]["tokens_per_s"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("tasks", "expected"),
+    [
+        (["embedded", "no_such_task"], "error: benchmark: benchmark.tasks: unknown lm-eval task 'no_such_task'"),
+        (["embedded"], "error: benchmark: "),  # with prose_ppl.jsonl removed below
+    ],
+)
+def test_stage_fails_with_one_line(tmp_path, tasks, expected):
+    import yaml
+
+    _fake_upstream(tmp_path)
+    if tasks == ["embedded"]:
+        (tmp_path / "outputs" / "corpus" / "eval" / "prose_ppl.jsonl").unlink()
+        expected += (
+            f"{(tmp_path / 'outputs' / 'corpus' / 'eval' / 'prose_ppl.jsonl').resolve()}: embedded benchmark data"
+        )
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["benchmark"].update(tasks=tasks, variants=["original"])
+    params["tracking"]["enabled"] = False
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "stages.benchmark"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(expected), proc.stderr[-2000:]
+    assert not (tmp_path / "outputs" / "benchmark").exists()  # nothing half-written

@@ -277,7 +277,12 @@ def run_benchmark(
     results_dir: Path,
     on_phase: Callable[[str], None] | None = None,
 ) -> list[VariantResult]:
-    """Accuracy (lm-eval) then speed of every variant; raw lm-eval and speed results under ``results_dir``."""
+    """Accuracy (lm-eval) then speed of every variant.
+
+    Under ``results_dir``: lm-eval's raw result per variant (``<variant>.json``), every timed round
+    (``speed.json``), and per variant its checkpoint, thresholds, peak-RSS scope and the skipping
+    statistics gathered during lm-eval (``variants.json``).
+    """
     if not variants:
         raise PipelineError("benchmark.variants: no variant to benchmark")
     loader = ModelLoader(settings)
@@ -326,6 +331,20 @@ def run_benchmark(
         res.weight_bytes = wbytes[v.name]
         res.experts_per_layer = experts[v.name]
         out.append(res)
+    write_json(
+        results_dir / "variants.json",
+        _json_safe(
+            {
+                v.name: {
+                    "checkpoint": str(v.checkpoint),
+                    "skip": v.skip,
+                    "thresholds": dict(v.thresholds or {}),
+                    **r.extra,
+                }
+                for v, r in zip(variants, out, strict=True)
+            }
+        ),
+    )
     return out
 
 
