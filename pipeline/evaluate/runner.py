@@ -15,7 +15,7 @@ import gc
 import json
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -152,8 +152,8 @@ def _experts_per_layer(model: Any) -> int | None:
         return None
 
 
-def _free(model: Any) -> None:
-    del model
+def _release() -> None:
+    """Return memory of models the caller has dropped (Python objects and the CUDA cache)."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -230,7 +230,8 @@ def run_accuracy(
                     peak_cuda_bytes=mem.peak_cuda_bytes,
                     extra={"rss_scope": mem.rss_scope, "lmeval_skip_stats": _json_safe(dict(skip_stats))},
                 )
-            _free(model)
+            del model, tokenizer
+            _release()
     return out
 
 
@@ -265,8 +266,9 @@ def run_speed(
         results = measure_speed(cases, prompts, sp.new_tokens, sp.repeats, sp.warmup)
     finally:
         cases.clear()
-        for path in list(models):
-            _free(models.pop(path))
+        models.clear()
+        model = None
+        _release()
     return results, wbytes, experts
 
 
@@ -275,7 +277,6 @@ def run_benchmark(
     settings: BenchmarkSettings,
     eval_dir: Path | None,
     results_dir: Path,
-    on_phase: Callable[[str], None] | None = None,
 ) -> list[VariantResult]:
     """Accuracy (lm-eval) then speed of every variant.
 
@@ -286,11 +287,7 @@ def run_benchmark(
     if not variants:
         raise PipelineError("benchmark.variants: no variant to benchmark")
     loader = ModelLoader(settings)
-    if on_phase:
-        on_phase("accuracy")
     accuracy = run_accuracy(variants, settings, eval_dir, results_dir, loader)
-    if on_phase:
-        on_phase("speed")
     texts = prompt_texts(eval_dir) if eval_dir is not None else []
     speed, wbytes, experts = run_speed(variants, settings, texts, loader)
     write_json(
