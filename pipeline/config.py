@@ -253,7 +253,7 @@ class SpeedParams(Section):
 
     prompts: PosInt = 4
     new_tokens: PosInt = 48
-    repeats: PosInt = 3
+    repeats: PosInt = 5
     warmup: NonNegInt = 1
 
 
@@ -262,7 +262,7 @@ class BenchmarkParams(Section):
 
     tasks: list[str] = Field(default_factory=lambda: [EMBEDDED], min_length=1)
     num_fewshot: dict[str, NonNegInt] = Field(default_factory=dict)
-    limit: PosInt | None = None
+    limit: PosInt | None = 60
     batch_size: PosInt = 16
     variants: list[Literal["original", "original_skip", "pruned", "pruned_skip"]] = Field(
         default_factory=lambda: list(VARIANTS), min_length=1

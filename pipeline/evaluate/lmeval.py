@@ -1,0 +1,199 @@
+"""Accuracy and perplexity through lm-evaluation-harness, on an in-memory model or (vllm) a checkpoint.
+
+The in-memory path wraps the loaded model in lm-eval's ``HFLM``, so anything patched into the
+model (dynamic expert skipping) is what lm-eval measures. lm-eval's whole result dict is kept;
+:func:`task_metrics` reduces it to ``{task: {metric: value}}`` for the metrics file.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import PipelineError
+from pipeline.evaluate.tasks import EMBEDDED, TaskSelection
+
+log = logging.getLogger(__name__)
+
+#: Metrics whose value is an accuracy in [0, 1] (the report's task columns and the average).
+ACCURACY_METRICS = ("acc", "acc_norm", "exact_match", "exact_match_strict-match", "exact_match_flexible-extract")
+#: The accuracy reported for a task: the first of these it has (lm-eval's usual reporting choice).
+PRIMARY_BY_TASK = {
+    "arc_challenge": "acc_norm",
+    "hellaswag": "acc_norm",
+    "openbookqa": "acc_norm",
+    "gsm8k": "exact_match_strict-match",
+}
+PRIMARY_DEFAULT = ("acc", "exact_match_strict-match", "exact_match", "acc_norm")
+#: Perplexity-type metrics (lower is better), reported in their own table.
+PERPLEXITY_METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte")
+
+
+@dataclass
+class PreparedTasks:
+    """lm-eval task and group objects ready to run, and the report rows they produce, in order."""
+
+    objects: list[Any]
+    rows: list[str]
+
+
+def _load_one(manager: Any, name: str) -> dict[str, Any]:
+    try:
+        return manager.load([name])
+    except (ConnectionError, FileNotFoundError, OSError) as exc:
+        raise PipelineError(
+            f"benchmark.tasks: cannot load the data of lm-eval task {name!r} offline ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); cache it once with HF_DATASETS_OFFLINE=0 "
+            "HF_HUB_OFFLINE=0 and network access, or drop the task"
+        ) from None
+
+
+def prepare_tasks(selection: TaskSelection, num_fewshot: Mapping[str, int] | None = None) -> PreparedTasks:
+    """Build the selected tasks, each leaf with its few-shot count from ``num_fewshot``.
+
+    ``num_fewshot`` is keyed by a leaf task, a requested name (a group or tag applies to all of
+    its tasks) or ``embedded``; tasks without an entry keep their YAML default (zero when unset).
+    A key that matches nothing selected is a one-line error.
+    """
+    num_fewshot = dict(num_fewshot or {})
+    embedded_names = {t.name for t in selection.embedded}
+    used: set[str] = set()
+    objects: list[Any] = []
+    rows: list[str] = []
+    for spec in selection.spec_names():
+        loaded = _load_one(selection.manager, spec)
+        groups = loaded.get("groups") or {}
+        leaves = loaded["tasks"]
+        objects.extend([groups[spec]] if spec in groups else list(leaves.values()))
+        rows.extend([spec] if spec in groups else list(leaves))
+        for leaf_name, task in leaves.items():
+            for key in (leaf_name, spec, EMBEDDED if spec in embedded_names else None):
+                if key is not None and key in num_fewshot:
+                    task.set_config(key="num_fewshot", value=int(num_fewshot[key]))
+                    used.add(key)
+                    break
+        used.update(k for k in num_fewshot if k in leaves)
+    extra = sorted(set(num_fewshot) - used)
+    if extra:
+        raise PipelineError(f"benchmark.num_fewshot: {', '.join(map(repr, extra))} not among the selected tasks")
+    return PreparedTasks(objects=objects, rows=list(dict.fromkeys(rows)))
+
+
+def _finish(results: dict[str, Any] | None) -> dict[str, Any]:
+    if results is None:
+        raise PipelineError("lm-eval returned no results (is this process a non-zero distributed rank?)")
+    results.pop("samples", None)
+    # round-trip through lm-eval's own serialiser so the dict is plain JSON
+    from lm_eval.utils import handle_non_serializable
+
+    return json.loads(json.dumps(results, default=handle_non_serializable))
+
+
+def evaluate_model(
+    model: Any,
+    tokenizer: Any,
+    selection: TaskSelection,
+    *,
+    batch_size: int,
+    limit: int | None = None,
+    num_fewshot: Mapping[str, int] | None = None,
+    max_length: int | None = None,
+) -> tuple[dict[str, Any], list[str]]:
+    """Run the selected tasks on an in-memory causal LM; return lm-eval's result dict and report rows."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    prepared = prepare_tasks(selection, num_fewshot)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+    results = simple_evaluate(
+        model=lm,
+        tasks=prepared.objects,
+        task_manager=selection.manager,
+        limit=limit,
+        log_samples=False,
+        bootstrap_iters=1000,
+    )
+    return _finish(results), prepared.rows
+
+
+def vllm_available() -> bool:
+    """Whether vllm can be imported."""
+    return importlib.util.find_spec("vllm") is not None
+
+
+def evaluate_checkpoint_vllm(
+    path: str | Path,
+    selection: TaskSelection,
+    *,
+    dtype: str,
+    batch_size: int,
+    limit: int | None = None,
+    num_fewshot: Mapping[str, int] | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[dict[str, Any], list[str]]:
+    """Run the selected tasks on a saved checkpoint through lm-eval's vllm backend."""
+    if not vllm_available():
+        raise PipelineError("benchmark.backend: vllm is not installed (pip install vllm) - use backend: hf")
+    from lm_eval import simple_evaluate
+
+    prepared = prepare_tasks(selection, num_fewshot)
+    args = {"pretrained": str(path), "dtype": dtype, "trust_remote_code": trust_remote_code}
+    results = simple_evaluate(
+        model="vllm",
+        model_args=args,
+        tasks=prepared.objects,
+        task_manager=selection.manager,
+        batch_size=batch_size,
+        limit=limit,
+        log_samples=False,
+        bootstrap_iters=1000,
+    )
+    return _finish(results), prepared.rows
+
+
+def _metric_name(key: str) -> str:
+    name, _, filt = key.partition(",")
+    return name if filt in ("", "none") else f"{name}_{filt}"
+
+
+def task_metrics(results: Mapping[str, Any], rows: Sequence[str]) -> dict[str, dict[str, float]]:
+    """``{task: {metric: value}}`` for each report row, from lm-eval's result dict.
+
+    Metric keys drop lm-eval's ``,none`` filter suffix (other filters become ``_<filter>``);
+    standard errors are kept as ``<metric>_stderr``; non-numeric and non-finite values are dropped.
+    """
+    tables = [results.get("results") or {}, results.get("groups") or {}]
+    out: dict[str, dict[str, float]] = {}
+    for row in rows:
+        entry = next((t[row] for t in tables if row in t), None)
+        if entry is None:
+            raise PipelineError(f"lm-eval returned no result for task {row!r}")
+        metrics: dict[str, float] = {}
+        for key, value in entry.items():
+            if "," not in key or isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            if math.isfinite(float(value)):
+                metrics[_metric_name(key)] = float(value)
+        out[row] = metrics
+    return out
+
+
+def primary_metric(task: str, metrics: Mapping[str, float]) -> str | None:
+    """The accuracy metric reported for ``task`` (None for a perplexity-only task)."""
+    preferred = PRIMARY_BY_TASK.get(task)
+    for name in ((preferred,) if preferred else ()) + PRIMARY_DEFAULT:
+        if name in metrics:
+            return name
+    return None
+
+
+def average_accuracy(tasks: Mapping[str, Mapping[str, float]]) -> float | None:
+    """Mean of the tasks' primary accuracies (tasks without one are left out); None without any."""
+    values = [m[p] for t, m in tasks.items() if (p := primary_metric(t, m)) is not None]
+    return sum(values) / len(values) if values else None
