@@ -72,9 +72,9 @@ def test_layout_batches_cover_every_token_once() -> None:
         ranges = layout.chunks()
         assert ranges[0][0] == 0 and ranges[-1][1] == total
         assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
-        acc = torch.zeros(layout.num_batches, 1, dtype=torch.float64)
+        acc = torch.zeros(1, layout.num_batches, dtype=torch.float64)
         for start, end in ranges:
-            layout.batch_sums(start, end, torch.arange(start, end, dtype=torch.float64).view(-1, 1), acc)
+            layout.batch_sums(start, end, torch.arange(start, end, dtype=torch.float64).view(1, -1), acc)
         expected = [sum(range(b * tpb, min((b + 1) * tpb, total))) for b in range(layout.num_batches)]
         assert acc.view(-1).tolist() == expected
 
@@ -91,6 +91,9 @@ def test_dense_and_subset_passes_agree_and_subset_scorer_refuses_other_sizes() -
     assert sub.stats is not None and dense.stats is not None
     assert sub.stats.counts.tolist() == dense.stats.counts.tolist()
     assert int(sub.stats.counts.sum()) == x.shape[0] * x.shape[1] * 2
+    for i in range(0, kept.shape[0], 7):  # a set's loss does not depend on the other sets scored with it
+        assert float(dense.losses(kept[i : i + 1])[0]) == float(dense.losses(kept)[i])
+        assert float(sub.losses(kept[i : i + 1])[0]) == float(fast[i])
     with pytest.raises(ValueError, match="3-subsets"):
         sub.losses(all_subsets(8, 4)[:2])
 

@@ -147,7 +147,7 @@ def loss_plot_data(results: Sequence[LayerResult]) -> dict[str, list[dict[str, A
 def plot_losses(folder: Path, results: Sequence[LayerResult], *, strategy: str, r: int, n: int) -> Any:
     """``loss_distribution.png``: per layer, every scored set's loss, the chosen set and the baselines."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(results) + 2.5), 4.5), dpi=110)
+    fig, ax = plt.subplots(figsize=(max(7.5, 1.1 * len(results) + 4.0), 4.5), dpi=110)
     rng = np.random.default_rng(0)
     positions = np.arange(len(results))
     for pos, res in zip(positions, results, strict=True):
@@ -172,7 +172,7 @@ def plot_losses(folder: Path, results: Sequence[LayerResult], *, strategy: str, 
     if values and min(values) > 0 and max(values) / min(values) > 100:
         ax.set_yscale("log")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(folder / "loss_distribution.png")
     return fig

@@ -73,20 +73,21 @@ class TokenLayout:
         return out
 
     def batch_sums(self, start: int, end: int, values: torch.Tensor, acc: torch.Tensor) -> None:
-        """Add per-token ``values [end - start, C]`` of chunk ``[start, end)`` into ``acc [num_batches, C]``.
+        """Add per-token ``values [C, end - start]`` of chunk ``[start, end)`` into ``acc [C, num_batches]``.
 
-        Summation is a fixed reshape-and-sum (no atomics), so results are deterministic on CUDA too.
+        Every sum runs along contiguous rows, so a candidate's result does not depend on which other
+        candidates share its batch of work, and no atomics are involved (deterministic on CUDA too).
         """
         tpb = self.tokens_per_batch
         first = start // tpb
         if start % tpb or end - start <= tpb and (end - 1) // tpb == first:
-            acc[first] += values.sum(0)
+            acc[:, first] += values.sum(1)
             return
         whole = (end - start) // tpb
         if whole:
-            acc[first : first + whole] += values[: whole * tpb].reshape(whole, tpb, -1).sum(1)
+            acc[:, first : first + whole] += values[:, : whole * tpb].reshape(values.shape[0], whole, tpb).sum(2)
         if whole * tpb < end - start:
-            acc[first + whole] += values[whole * tpb :].sum(0)
+            acc[:, first + whole] += values[:, whole * tpb :].sum(1)
 
 
 # -- routing every candidate at once -------------------------------------------------------------
@@ -296,7 +297,7 @@ class LayerScorer:
         reap = torch.zeros(n, dtype=torch.float64, device=self.device)
         acc = None
         if subsets is not None:
-            acc = torch.zeros(self.layout.num_batches, subsets.shape[0], dtype=torch.float64, device=self.device)
+            acc = torch.zeros(subsets.shape[0], self.layout.num_batches, dtype=torch.float64, device=self.device)
         dtype = next(self.block.parameters()).dtype
         for start, end in self.layout.chunks():
             xs = self.x[start:end].to(self.device, dtype)
@@ -329,13 +330,13 @@ class LayerScorer:
                 g = self._group_size(t, subsets.shape[0])
                 for i, c0 in enumerate(range(0, subsets.shape[0], g)):
                     w, ids = routed[i] if routed is not None else self.router(logits, subsets[c0 : c0 + g])
-                    self.layout.batch_sums(start, end, self._err2(chunk, w, ids), acc[:, c0 : c0 + g])
+                    self.layout.batch_sums(start, end, self._err2(chunk, w, ids), acc[c0 : c0 + g])
             self.store.add(chunk)
         self.stats = RoutingStats(counts=counts.cpu(), reap_sum=reap.cpu(), tokens=self.layout.num_tokens)
         self.subset_size = None if subsets is None else int(subsets.shape[1])
         if self.store.spilled:
             log.info("search cache: %d of %d chunks spilled to %s", self.store.spilled, len(self.store.items), self.store.spill_dir)
-        return None if acc is None else acc.clamp_min_(0).sqrt_().sum(0).cpu()
+        return None if acc is None else acc.clamp_min_(0).sqrt_().sum(1).cpu()
 
     def _needed_outputs(self, xs: torch.Tensor, needed: torch.Tensor) -> torch.Tensor:
         """Expert outputs ``[T, n, d]`` on the (token, expert) pairs marked in ``needed``, zeros elsewhere."""
@@ -381,7 +382,7 @@ class LayerScorer:
 
     # -- scoring ---------------------------------------------------------------------------------
     def _err2(self, chunk: GramChunk, w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Squared output error ``[T, C]`` of candidates routed as ``(w, ids) [T, C, k]``."""
+        """Squared output error ``[C, T]`` of candidates routed as ``(w, ids) [T, C, k]``."""
         t, c, k = ids.shape
         n = self.n
         pairs = self._lut[ids[..., self._ka] * n + ids[..., self._kb]]
@@ -389,7 +390,8 @@ class LayerScorer:
         values = chunk.table.gather(1, index).view(t, c, -1)
         w64 = w.double()
         coef = torch.cat([w64[..., self._ka] * w64[..., self._kb] * self._fac, w64.mul(-2.0)], -1)
-        return torch.einsum("tcj,tcj->tc", values, coef).add_(chunk.zz.unsqueeze(1))
+        err2 = values.mul_(coef).sum(-1).add_(chunk.zz.unsqueeze(1))
+        return err2.t().contiguous()
 
     @torch.no_grad()
     def losses(self, kept: torch.Tensor | Sequence[Sequence[int]]) -> torch.Tensor:
@@ -402,14 +404,14 @@ class LayerScorer:
         if self.subset_size is not None and kept_t.shape[1] != self.subset_size:
             raise ValueError(f"this scorer was prepared for {self.subset_size}-subsets only")
         c = kept_t.shape[0]
-        acc = torch.zeros(self.layout.num_batches, c, dtype=torch.float64, device=self.device)
+        acc = torch.zeros(c, self.layout.num_batches, dtype=torch.float64, device=self.device)
         for chunk in self.store:
             t = chunk.end - chunk.start
             g = self._group_size(t, c)
             for c0 in range(0, c, g):
                 w, ids = self.router(chunk.logits, kept_t[c0 : c0 + g])
-                self.layout.batch_sums(chunk.start, chunk.end, self._err2(chunk, w, ids), acc[:, c0 : c0 + g])
-        return acc.clamp_min_(0).sqrt_().sum(0).cpu()
+                self.layout.batch_sums(chunk.start, chunk.end, self._err2(chunk, w, ids), acc[c0 : c0 + g])
+        return acc.clamp_min_(0).sqrt_().sum(1).cpu()
 
     def close(self) -> None:
         """Drop cached chunks (and their spill files)."""
