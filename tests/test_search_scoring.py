@@ -122,10 +122,11 @@ def test_candidate_router_matches_adapter_route(model_type: str) -> None:
     for m in range(max(k, n - 3), n + 1):
         kept = all_subsets(n, m)[:: max(1, math.comb(n, m) // 9)]
         weights, ids = router(logits, kept)
+        assert weights.shape == ids.shape == (k, logits.shape[0], kept.shape[0])
         for c, row in enumerate(kept.tolist()):
             w_ref, i_ref = adapter.route(block, logits, model.config, row)
-            assert torch.equal(ids[:, c], i_ref)
-            assert torch.equal(weights[:, c], w_ref.float())
+            assert torch.equal(ids[:, :, c].t(), i_ref)
+            torch.testing.assert_close(weights[:, :, c].t(), w_ref.float(), rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("model_type", sorted(TINY_CONFIGS))

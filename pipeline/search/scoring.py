@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +24,14 @@ from torch import nn
 
 from pipeline.io import load_tensors, remove_path, save_tensors
 from pipeline.models.base import MoEAdapter
+from pipeline.models.routing import SoftmaxTopK
 
 log = logging.getLogger(__name__)
 
 #: Elements of one ``[tokens, candidates, terms]`` scoring intermediate (bounds scoring memory).
 SCORE_ELEMENTS = 1 << 22
+#: Expert-output elements converted to float64 at a time for the Gram matrices on the CPU.
+GRAM_BLOCK_ELEMENTS = 1 << 18
 #: Default bytes of per-chunk Gram data kept in memory before spilling to disk.
 CACHE_BYTES = 2 << 30
 
@@ -91,12 +93,24 @@ class TokenLayout:
 
 
 # -- routing every candidate at once -------------------------------------------------------------
-class CandidateRouter:
-    """Routing weights and ids of many kept sets at once, exactly as ``adapter.route`` computes them.
+#: Logit gap (relative to the logits' scale) below which two experts count as tied for the fast router.
+TIE_TOLERANCE = 1e-5
+#: Most experts the fast router handles (kept sets are float64 bit masks).
+FAST_ROUTER_MAX_EXPERTS = 52
 
-    The adapter's own :meth:`MoEAdapter.route` is called per candidate when the family overrides it
-    or has a per-expert selection bias; otherwise the rule of the pruned config is applied to every
-    candidate's logits in one batched call (rules act row by row, so this is the same computation).
+
+class CandidateRouter:
+    """Routing weights and ids of many kept sets at once, as ``adapter.route`` computes them.
+
+    * When the family overrides :meth:`MoEAdapter.route` or has a per-expert selection bias, the
+      adapter's own ``route`` runs once per candidate.
+    * Otherwise the rule of the pruned config runs on every candidate's logits in one batched call
+      (rules act row by row, so this is the same computation).
+    * For the softmax-top-k rule (:class:`SoftmaxTopK`: Mixtral, Qwen-MoE, OLMoE, DeepSeek-V2 greedy)
+      a vectorised equivalent avoids per-row softmax/top-k kernels: the top-k of a kept set are its
+      experts of highest logit (softmax is monotone) and the weights follow in closed form. Tokens
+      whose logits nearly tie (where rounding could reorder probabilities) take the batched rule, so
+      ids always equal the rule's and weights agree to float32 rounding.
     """
 
     def __init__(self, adapter: MoEAdapter, block: nn.Module, config: Any) -> None:
@@ -108,47 +122,102 @@ class CandidateRouter:
         overridden = type(adapter).route is not MoEAdapter.route
         self.batched = not overridden and adapter.choice_bias(block) is None
 
-    def _rule(self, m: int) -> Any:
+    def rule(self, m: int) -> Any:
+        """The routing rule of a model keeping ``m`` experts."""
         if m not in self._rules:
             cfg = self.config if m == self.n else self.adapter.pruned_config(self.config, m)
             self._rules[m] = self.adapter.routing_rule(cfg)
         return self._rules[m]
 
     def __call__(self, logits: torch.Tensor, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``logits [T, n]``, ``kept [C, m]`` (ascending ids) -> weights ``[T, C, k]`` float32, ids ``[T, C, k]``."""
-        t = logits.shape[0]
-        c, m = kept.shape
+        """``logits [T, n]``, ``kept [C, m]`` (ascending ids) -> weights ``[k, T, C]`` float32, ids ``[k, T, C]``."""
         if not self.batched:
             outs = [self.adapter.route(self.block, logits, self.config, row.tolist()) for row in kept]
-            weights = torch.stack([w.float() for w, _ in outs], 1)
-            ids = torch.stack([i.long() for _, i in outs], 1)
-            return weights, ids
+            weights = torch.stack([w.float().t() for w, _ in outs], 2)
+            return weights.contiguous(), torch.stack([i.long().t() for _, i in outs], 2).contiguous()
+        rule = self.rule(kept.shape[1])
+        if type(rule) is SoftmaxTopK and self.n <= FAST_ROUTER_MAX_EXPERTS and logits.dtype == torch.float32:
+            return self._softmax_topk(rule, logits, kept)
+        return self._batched(rule, logits, kept)
+
+    @staticmethod
+    def _batched(rule: Any, logits: torch.Tensor, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = logits.shape[0]
+        c, m = kept.shape
         sub = logits.index_select(1, kept.reshape(-1)).view(t * c, m)
-        weights, local = self._rule(m)(sub)
+        weights, local = rule(sub)
         k = weights.shape[-1]
         offsets = torch.arange(c, device=kept.device).mul_(m).view(1, c, 1)
         ids = kept.reshape(-1)[local.view(t, c, k) + offsets]
-        return weights.view(t, c, k).float(), ids
+        return weights.view(t, c, k).float().permute(2, 0, 1).contiguous(), ids.permute(2, 0, 1).contiguous()
+
+    def _softmax_topk(self, rule: SoftmaxTopK, logits: torch.Tensor, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t, n = logits.shape
+        c, k = kept.shape[0], rule.top_k
+        member = torch.zeros(n, c, dtype=torch.float64, device=logits.device)
+        member[kept.t(), torch.arange(c, device=logits.device).expand(kept.shape[1], c)] = 1.0
+        values, order = logits.sort(dim=1, descending=True)
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=logits.device).expand(t, n))
+        # Bit p of mask[t, c] is set when the expert at position p of token t's ranking is kept.
+        mask = (torch.ldexp(torch.ones((), dtype=torch.float64, device=logits.device), rank.double()) @ member).long()
+        ids: list[torch.Tensor] = []
+        chosen: list[torch.Tensor] = []
+        for _ in range(k):
+            low = mask & -mask
+            pos = torch.frexp(low.double()).exponent.long() - 1
+            mask = mask ^ low
+            ids.append(order.gather(1, pos))
+            chosen.append(values.gather(1, pos))
+        if rule.renormalize:
+            # p_i / sum_{j in top-k} p_j = softmax over the chosen logits (the first is the largest).
+            exps = [torch.exp(v - chosen[0]) for v in chosen]
+            total = torch.stack(exps).sum(0)
+            weights = [e / total for e in exps]
+        else:
+            top = values[:, :1]
+            denom = (torch.exp(logits - top).double() @ member).float()
+            weights = [torch.exp(v - top) / denom for v in chosen]
+        w = torch.stack(weights)
+        if rule.scale != 1.0:
+            w = w * rule.scale
+        out_ids = torch.stack(ids)
+        scale = values.abs().amax(1).clamp_min(1.0)
+        tied = ((values[:, :-1] - values[:, 1:]) <= TIE_TOLERANCE * scale.unsqueeze(1)).any(1)
+        if bool(tied.any()):
+            rows = tied.nonzero().squeeze(1)
+            w_tie, ids_tie = self._batched(rule, logits.index_select(0, rows), kept)
+            w[:, rows] = w_tie
+            out_ids[:, rows] = ids_tie
+        return w, out_ids
 
 
 # -- the per-chunk Gram data ----------------------------------------------------------------------
+#: Up to this many experts the Gram matrices are stored whole, above it as their upper triangle.
+FULL_GRAM_MAX_EXPERTS = 32
+
+
 @dataclass
 class GramChunk:
-    """What scoring needs about one chunk of tokens ``[start, end)``.
+    """What scoring needs about one chunk of tokens ``[start, end)`` (float64 except the logits).
 
-    ``table`` is ``[T, P + n]`` float64: the ``P = n (n + 1) / 2`` upper-triangle entries of each
-    token's Gram matrix followed by ``u = G a(full)``; ``zz`` is ``a(full)^T G a(full)`` ``[T]``.
+    ``gram`` is each token's Gram matrix ``G`` flattened (``[T, n * n]``, or its upper triangle
+    ``[T, n (n + 1) / 2]`` for many experts), ``u = G a(full)`` ``[T, n]``, ``zz = a(full)^T u`` ``[T]``.
     """
 
     start: int
     end: int
     logits: torch.Tensor
-    table: torch.Tensor
+    gram: torch.Tensor
+    u: torch.Tensor
     zz: torch.Tensor
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The chunk's tensors by name."""
+        return {"logits": self.logits, "gram": self.gram, "u": self.u, "zz": self.zz}
 
     def nbytes(self) -> int:
         """Bytes held by the chunk's tensors."""
-        return sum(t.numel() * t.element_size() for t in (self.logits, self.table, self.zz))
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
 
 class _ChunkStore:
@@ -159,7 +228,7 @@ class _ChunkStore:
         self.budget = budget
         self.device = device
         self.used = 0
-        self.items: list[GramChunk | Path] = []
+        self.items: list[GramChunk | tuple[Path, int, int]] = []
 
     def add(self, chunk: GramChunk) -> None:
         size = chunk.nbytes()
@@ -168,41 +237,28 @@ class _ChunkStore:
             self.used += size
             return
         path = self.spill_dir / f"gram_{len(self.items):05d}.safetensors"
-        save_tensors(
-            path,
-            {"logits": chunk.logits, "table": chunk.table, "zz": chunk.zz},
-            metadata={"start": str(chunk.start), "end": str(chunk.end)},
-        )
-        self.items.append(path)
+        save_tensors(path, chunk.tensors())
+        self.items.append((path, chunk.start, chunk.end))
 
     def __iter__(self) -> Iterator[GramChunk]:
         for item in self.items:
             if isinstance(item, GramChunk):
                 yield item
                 continue
-            data = load_tensors(item, what="search cache file")
-            from safetensors import safe_open
-
-            with safe_open(str(item), framework="pt") as fh:
-                meta = fh.metadata()
-            yield GramChunk(
-                int(meta["start"]),
-                int(meta["end"]),
-                data["logits"].to(self.device),
-                data["table"].to(self.device),
-                data["zz"].to(self.device),
-            )
+            path, start, end = item
+            data = {k: v.to(self.device) for k, v in load_tensors(path, what="search cache file").items()}
+            yield GramChunk(start, end, **data)
 
     def clear(self) -> None:
         for item in self.items:
-            if isinstance(item, Path):
-                remove_path(item)
+            if not isinstance(item, GramChunk):
+                remove_path(item[0])
         self.items.clear()
         self.used = 0
 
     @property
     def spilled(self) -> int:
-        return sum(isinstance(i, Path) for i in self.items)
+        return sum(not isinstance(i, GramChunk) for i in self.items)
 
 
 @dataclass
@@ -259,16 +315,13 @@ class LayerScorer:
         self.store = _ChunkStore(spill_dir, cache_bytes, self.device)
         self.stats: RoutingStats | None = None
         self.subset_size: int | None = None
+        self._full_gram = self.n <= FULL_GRAM_MAX_EXPERTS
         iu = torch.triu_indices(self.n, self.n)
-        lut = torch.full((self.n, self.n), -1, dtype=torch.long)
+        lut = torch.empty(self.n, self.n, dtype=torch.long)
         lut[iu[0], iu[1]] = torch.arange(iu.shape[1])
         lut[iu[1], iu[0]] = torch.arange(iu.shape[1])
-        self._tri = (iu[0].to(self.device), iu[1].to(self.device))
+        self._triu = (iu[0].to(self.device), iu[1].to(self.device))
         self._lut = lut.view(-1).to(self.device)
-        self._p = iu.shape[1]
-        ka, kb = torch.triu_indices(self.k, self.k)
-        self._ka, self._kb = ka.to(self.device), kb.to(self.device)
-        self._fac = torch.where(ka == kb, 1.0, 2.0).to(torch.float64).to(self.device)
 
     # -- passes ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -287,8 +340,7 @@ class LayerScorer:
         return kept, self._pass(kept)
 
     def _group_size(self, tokens: int, c: int) -> int:
-        terms = self._ka.numel() + self.k
-        return max(1, min(c, SCORE_ELEMENTS // max(1, tokens * terms)))
+        return max(1, min(c, SCORE_ELEMENTS // max(1, tokens * (self.k + 2))))
 
     def _pass(self, subsets: torch.Tensor | None) -> torch.Tensor | None:
         self.store.clear()
@@ -304,33 +356,32 @@ class LayerScorer:
             t = xs.shape[0]
             logits = self.adapter.router_logits(self.block, xs).float()
             w_full, ids_full = self.adapter.route(self.block, logits, self.config)
+            groups: list[tuple[int, int]] = []
             routed: list[tuple[torch.Tensor, torch.Tensor]] | None = None
             if subsets is None:
                 outputs = self.adapter.expert_outputs(self.block, xs)
             else:
+                # Route every subset first: only (token, expert) pairs some subset routes to are needed.
                 needed = torch.zeros(t, n, dtype=torch.bool, device=self.device)
                 needed.scatter_(1, ids_full, True)
-                routed = []
-                keep_routing = True
-                size = 0
                 g = self._group_size(t, subsets.shape[0])
-                for c0 in range(0, subsets.shape[0], g):
-                    w, ids = self.router(logits, subsets[c0 : c0 + g])
-                    needed.scatter_(1, ids.view(t, -1), True)
-                    size += w.numel() * 12
-                    if keep_routing and size <= SCORE_ELEMENTS * 16:
+                groups = [(c0, min(c0 + g, subsets.shape[0])) for c0 in range(0, subsets.shape[0], g)]
+                routed = []
+                for c0, c1 in groups:
+                    w, ids = self.router(logits, subsets[c0:c1])
+                    for slot in ids:
+                        needed.scatter_(1, slot, True)
+                    if routed is not None and (len(routed) + 1) * w.numel() * 12 <= SCORE_ELEMENTS * 16:
                         routed.append((w, ids))
                     else:
-                        keep_routing = False
                         routed = None
                 outputs = self._needed_outputs(xs, needed)
             chunk = self._gram_chunk(start, end, logits, outputs, w_full, ids_full, counts, reap)
             del outputs
             if subsets is not None and acc is not None:
-                g = self._group_size(t, subsets.shape[0])
-                for i, c0 in enumerate(range(0, subsets.shape[0], g)):
-                    w, ids = routed[i] if routed is not None else self.router(logits, subsets[c0 : c0 + g])
-                    self.layout.batch_sums(start, end, self._err2(chunk, w, ids), acc[c0 : c0 + g])
+                for i, (c0, c1) in enumerate(groups):
+                    w, ids = routed[i] if routed is not None else self.router(logits, subsets[c0:c1])
+                    self.layout.batch_sums(start, end, self._err2(chunk, w, ids), acc[c0:c1])
             self.store.add(chunk)
         self.stats = RoutingStats(counts=counts.cpu(), reap_sum=reap.cpu(), tokens=self.layout.num_tokens)
         self.subset_size = None if subsets is None else int(subsets.shape[1])
@@ -366,7 +417,8 @@ class LayerScorer:
     ) -> GramChunk:
         t, n, d = outputs.shape
         gram = torch.empty(t, n, n, dtype=torch.float64, device=outputs.device)
-        step = max(1, (1 << 25) // max(1, n * d))
+        # Small token blocks keep the float64 copy in cache on the CPU; one block on a GPU.
+        step = max(1, (GRAM_BLOCK_ELEMENTS if outputs.device.type == "cpu" else 1 << 26) // max(1, n * d))
         for s in range(0, t, step):
             e = outputs[s : s + step].double()
             torch.bmm(e, e.transpose(1, 2), out=gram[s : s + step])
@@ -374,24 +426,34 @@ class LayerScorer:
         a_full.scatter_add_(1, ids_full, w_full.double())
         u = torch.bmm(gram, a_full.unsqueeze(2)).squeeze(2)
         zz = (u * a_full).sum(1)
-        table = torch.cat([gram[:, self._tri[0], self._tri[1]], u], 1)
         norms = gram.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt()
         counts += torch.bincount(ids_full.reshape(-1), minlength=n)
         reap.scatter_add_(0, ids_full.reshape(-1), (w_full.double() * norms.gather(1, ids_full)).reshape(-1))
-        return GramChunk(start, end, logits, table, zz)
+        flat = gram.view(t, n * n) if self._full_gram else gram[:, self._triu[0], self._triu[1]]
+        return GramChunk(start, end, logits, flat, u, zz)
 
     # -- scoring ---------------------------------------------------------------------------------
+    def _pair(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        """Column of ``G_ij`` in a chunk's flattened Gram matrices."""
+        flat = i * self.n + j
+        return flat if self._full_gram else self._lut[flat]
+
     def _err2(self, chunk: GramChunk, w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Squared output error ``[C, T]`` of candidates routed as ``(w, ids) [T, C, k]``."""
-        t, c, k = ids.shape
-        n = self.n
-        pairs = self._lut[ids[..., self._ka] * n + ids[..., self._kb]]
-        index = torch.cat([pairs, ids + self._p], -1).view(t, -1)
-        values = chunk.table.gather(1, index).view(t, c, -1)
+        """Squared output error ``[C, T]`` of candidates routed as ``(w, ids)`` ``[k, T, C]``.
+
+        ``||e||^2 = a^T G a - 2 a(S)^T u + a(S)^T G a(S)``, one ``[T, C]`` operation per routing slot
+        and pair of slots (kernels over tiny inner dimensions are slow).
+        """
+        k = ids.shape[0]
         w64 = w.double()
-        coef = torch.cat([w64[..., self._ka] * w64[..., self._kb] * self._fac, w64.mul(-2.0)], -1)
-        err2 = values.mul_(coef).sum(-1).add_(chunk.zz.unsqueeze(1))
-        return err2.t().contiguous()
+        err = chunk.zz.unsqueeze(1).expand(ids.shape[1], ids.shape[2]).clone()
+        for a in range(k):
+            g_aa = chunk.gram.gather(1, self._pair(ids[a], ids[a]))
+            u_a = chunk.u.gather(1, ids[a])
+            err += w64[a] * (w64[a] * g_aa - 2.0 * u_a)
+            for b in range(a + 1, k):
+                err += 2.0 * w64[a] * w64[b] * chunk.gram.gather(1, self._pair(ids[a], ids[b]))
+        return err.t().contiguous()
 
     @torch.no_grad()
     def losses(self, kept: torch.Tensor | Sequence[Sequence[int]]) -> torch.Tensor:
@@ -406,8 +468,7 @@ class LayerScorer:
         c = kept_t.shape[0]
         acc = torch.zeros(c, self.layout.num_batches, dtype=torch.float64, device=self.device)
         for chunk in self.store:
-            t = chunk.end - chunk.start
-            g = self._group_size(t, c)
+            g = self._group_size(chunk.end - chunk.start, c)
             for c0 in range(0, c, g):
                 w, ids = self.router(chunk.logits, kept_t[c0 : c0 + g])
                 self.layout.batch_sums(chunk.start, chunk.end, self._err2(chunk, w, ids), acc[c0 : c0 + g])
@@ -416,8 +477,3 @@ class LayerScorer:
     def close(self) -> None:
         """Drop cached chunks (and their spill files)."""
         self.store.clear()
-
-
-def binomial(n: int, r: int) -> int:
-    """``C(n, r)``."""
-    return math.comb(n, r)
