@@ -62,8 +62,8 @@ def main(ctx: StageContext) -> None:
     def on_layer(result: LayerResult, resumed: bool) -> None:
         if resumed:
             resumed_layers.append(result.layer)
-        row = {"loss": result.loss, **{f"loss_{k}": b["loss"] for k, b in result.baselines.items()}}
-        ctx.run.log_metrics(row, step=result.layer)
+        row = {"layer.loss": result.loss, **{f"layer.loss_{k}": b["loss"] for k, b in result.baselines.items()}}
+        ctx.run.log_metrics(row, step=result.layer)  # a series over layers in the MLflow UI
 
     if settings.mode == "layerwise":
         results = run_layerwise(model, adapter, model.config, cache.layers, cache.load, settings,

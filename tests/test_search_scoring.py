@@ -140,3 +140,51 @@ def test_fast_loss_equals_pruned_block_output_for_every_family(model_type: str) 
     picks = kept[:: max(1, kept.shape[0] // 8)]
     ref = reference_losses(adapter, block, model.config, x, picks, tokens_per_batch=24, layer_idx=layer)
     torch.testing.assert_close(fast[:: max(1, kept.shape[0] // 8)], ref, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(("renormalize", "scale"), [(True, 1.0), (False, 1.0), (False, 2.5), (True, 0.5)])
+def test_fast_softmax_router_equals_the_rule_including_ties(renormalize: bool, scale: float) -> None:
+    from pipeline.models.mixtral import MixtralAdapter
+    from pipeline.models.routing import SoftmaxTopK
+
+    class Rule(MixtralAdapter):
+        model_types = ()
+
+        def routing_rule(self, config):
+            return SoftmaxTopK(top_k=self.top_k(config), renormalize=renormalize, scale=scale)
+
+    model = tiny_model("mixtral", seed=9, top_k=3)
+    adapter = Rule()
+    block = adapter.moe_block(model.model.layers[0])
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(300, 8, generator=gen) * 3
+    logits[:20, 5] = logits[:20, 2]  # exact ties
+    logits[20:40, 7] = logits[20:40, 1] + 1e-7  # near ties
+    logits[40:60] = 0.0  # every expert tied
+    router = CandidateRouter(adapter, block, model.config)
+    for m in (3, 5, 7, 8):
+        kept = all_subsets(8, m)
+        weights, ids = router(logits, kept)
+        for c, row in enumerate(kept.tolist()):
+            w_ref, i_ref = adapter.route(block, logits, model.config, row)
+            assert torch.equal(ids[:, :, c].t(), i_ref)
+            torch.testing.assert_close(weights[:, :, c].t(), w_ref, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_scoring_matches_cpu() -> None:
+    model = tiny_model("mixtral", seed=10)
+    adapter, block, layer, x = first_moe_layer(model, seed=10)
+    cpu = LayerScorer(adapter, block, model.config, x, tokens_per_batch=12, token_chunk=20)
+    kept, on_cpu = cpu.score_subsets(4)
+    block_gpu = adapter.moe_block(model.to("cuda").model.layers[layer])
+    gpu = LayerScorer(adapter, block_gpu, model.config, x, tokens_per_batch=12, token_chunk=20, device="cuda")
+    kept_gpu, on_gpu = gpu.score_subsets(4)
+    assert torch.equal(kept_gpu.cpu(), kept)
+    torch.testing.assert_close(on_gpu, on_cpu, rtol=1e-5, atol=1e-8)
+    assert int(on_gpu.argmin()) == int(on_cpu.argmin())
+    gpu.prepare()
+    torch.testing.assert_close(gpu.losses(kept[:9]), on_cpu[:9], rtol=1e-5, atol=1e-8)
+    ref = reference_losses(adapter, block_gpu, model.config, x, kept[:9], tokens_per_batch=12, layer_idx=layer)
+    torch.testing.assert_close(ref, on_cpu[:9], rtol=1e-4, atol=1e-7)

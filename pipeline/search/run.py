@@ -329,12 +329,16 @@ def _spill(work_dir: Path | None) -> Path | None:
     return None if work_dir is None else work_dir / "spill"
 
 
-def _announce(strategy: str, planned: int, layers: int, seconds: float, settings: SearchSettings, n: int) -> None:
-    how = f"{strategy} (auto)" if settings.strategy == "auto" else strategy
+def _announce(
+    strategy: str, planned: int, layers: int, seconds: float, settings: SearchSettings, n: int, device: torch.device | str
+) -> None:
+    if settings.strategy == "auto":
+        how = f"{strategy} (auto: C({n}, {settings.r}) = {math.comb(n, settings.r)}, enumerate_budget {settings.enumerate_budget})"
+    else:
+        how = strategy
     log.info(
-        "search: %s keeping %d of %d experts, %d candidates per layer (incl. %d baselines) x %d layers = %d; "
-        "estimated %.1f s",
-        how, settings.r, n, planned, len(settings.baselines), layers, planned * layers, seconds,
+        "search: %s; keep %d of %d experts; %d candidates per layer + %d baselines, %d layers; estimated %.3g s on %s",
+        how, settings.r, n, planned - len(settings.baselines), len(settings.baselines), layers, seconds, device,
     )
 
 
@@ -374,7 +378,7 @@ def run_layerwise(
             strategy, planned, seconds = estimate_seconds(
                 adapter, block, config, x, settings, seq_len=x.shape[1], num_layers=len(layers) - len(results), device=device
             )
-            _announce(strategy, planned, len(layers), seconds, settings, adapter.block_num_experts(block))
+            _announce(strategy, planned, len(layers), seconds, settings, adapter.block_num_experts(block), device)
             announced = True
         result = search_layer(
             adapter, block, config, x, i, settings, seq_len=x.shape[1], device=device, spill_dir=_spill(work_dir)
@@ -422,7 +426,9 @@ def run_progressive(
                     adapter, step.block, config, x, settings, seq_len=seq_len,
                     num_layers=len(moe_layers) - len(results), device=device,
                 )
-                _announce(strategy, planned, len(moe_layers), seconds, settings, adapter.block_num_experts(step.block))
+                _announce(
+                    strategy, planned, len(moe_layers), seconds, settings, adapter.block_num_experts(step.block), device
+                )
                 announced = True
             result = search_layer(
                 adapter, step.block, config, x, step.index, settings, seq_len=seq_len, device=device,

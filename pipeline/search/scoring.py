@@ -418,7 +418,7 @@ class LayerScorer:
         t, n, d = outputs.shape
         gram = torch.empty(t, n, n, dtype=torch.float64, device=outputs.device)
         # Small token blocks keep the float64 copy in cache on the CPU; one block on a GPU.
-        step = max(1, (GRAM_BLOCK_ELEMENTS if outputs.device.type == "cpu" else 1 << 26) // max(1, n * d))
+        step = max(1, (GRAM_BLOCK_ELEMENTS if outputs.device.type == "cpu" else 1 << 25) // max(1, n * d))
         for s in range(0, t, step):
             e = outputs[s : s + step].double()
             torch.bmm(e, e.transpose(1, 2), out=gram[s : s + step])
