@@ -390,19 +390,23 @@ class LayerScorer:
         return None if acc is None else acc.clamp_min_(0).sqrt_().sum(1).cpu()
 
     def _needed_outputs(self, xs: torch.Tensor, needed: torch.Tensor) -> torch.Tensor:
-        """Expert outputs ``[T, n, d]`` on the (token, expert) pairs marked in ``needed``, zeros elsewhere."""
+        """Expert outputs ``[T, n, d]`` on the (token, expert) pairs marked in ``needed``, zeros elsewhere.
+
+        Stored expert-major (a ``[n, T, d]`` buffer, returned as a permuted view) so each expert's
+        rows are written with one contiguous row copy.
+        """
         t, d = xs.shape
-        out = torch.zeros(t, self.n, d, dtype=xs.dtype, device=xs.device)
+        out = torch.empty(self.n, t, d, dtype=xs.dtype, device=xs.device)
         per_expert = needed.sum(0).tolist()
         for j in range(self.n):
-            if per_expert[j] == 0:
-                continue
             if per_expert[j] == t:
-                out[:, j] = self.adapter.expert_outputs(self.block, xs, [j])[:, 0]
+                out[j] = self.adapter.expert_outputs(self.block, xs, [j])[:, 0]
                 continue
-            tok = needed[:, j].nonzero().squeeze(1)
-            out[tok, j] = self.adapter.expert_outputs(self.block, xs.index_select(0, tok), [j])[:, 0]
-        return out
+            out[j].index_fill_(0, (~needed[:, j]).nonzero().squeeze(1), 0.0)
+            if per_expert[j]:
+                tok = needed[:, j].nonzero().squeeze(1)
+                out[j].index_copy_(0, tok, self.adapter.expert_outputs(self.block, xs.index_select(0, tok), [j])[:, 0])
+        return out.permute(1, 0, 2)
 
     def _gram_chunk(
         self,
