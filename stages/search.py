@@ -20,6 +20,9 @@ from pipeline.search.run import LayerResult, SearchSettings, routing_usage, run_
 from pipeline.search.strategies import validate_r
 from stages.common import StageContext, stage, stage_dir
 
+#: Larger outputs are recorded in MLflow by path and hash instead of being copied.
+MAX_ARTIFACT_BYTES = 50 << 20
+
 
 @stage("search", sections=("search", "runtime"), upstream=("model", "calibration", "activations"))
 def main(ctx: StageContext) -> None:
@@ -54,8 +57,9 @@ def main(ctx: StageContext) -> None:
     })
     batch_size = ctx.params.activations.batch_size
     usage_of = partial(routing_usage, model, adapter, model.config, batch_size=batch_size, device=device)
-    usage = {name: usage_of(load_tensors(path)["input_ids"]) for name, path in sets.items()
-             if path.is_file() and (name != p.calibration or settings.mode == "progressive")}
+    usage_sets = [n for n, path in sets.items() if path.is_file() and (n != p.calibration or settings.mode == "progressive")]
+    # Expert usage of the original model on each calibration set (progressive mode prunes the model: first).
+    usage = {n: usage_of(load_tensors(sets[n])["input_ids"]) for n in usage_sets} if settings.mode == "progressive" else {}
 
     resumed_layers: list[int] = []
 
@@ -68,6 +72,7 @@ def main(ctx: StageContext) -> None:
     if settings.mode == "layerwise":
         results = run_layerwise(model, adapter, model.config, cache.layers, cache.load, settings,
                                 device=device, work_dir=work, on_layer=on_layer)
+        usage = {n: usage_of(load_tensors(sets[n])["input_ids"]) for n in usage_sets}
         usage[p.calibration] = {r.layer: r.usage for r in results}
     else:
         input_ids = load_tensors(sets[p.calibration])["input_ids"]
@@ -86,7 +91,10 @@ def main(ctx: StageContext) -> None:
     ctx.run.set_tags({"search.strategy": doc["strategy"], "search.resumed_layers": len(resumed_layers)})
     ctx.run.log_artifact(ctx.out / "selection.json")
     for path in files:
-        ctx.run.log_artifact(path, artifact_path=str(path.parent.relative_to(ctx.out)))
+        if path.stat().st_size > MAX_ARTIFACT_BYTES:  # e.g. the candidate table of a large enumeration
+            ctx.run.log_reference(path.name, stage_dir("search") / path.relative_to(ctx.out), sha256_file(path))
+        else:
+            ctx.run.log_artifact(path, artifact_path=str(path.parent.relative_to(ctx.out)))
     ctx.after_commit.append(lambda: remove_path(work))
 
 
