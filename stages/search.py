@@ -56,6 +56,7 @@ def main(ctx: StageContext) -> None:
         "dtype": dtype_name(dtype),
     })
     batch_size = ctx.params.activations.batch_size
+    ctx.run.log_params({"activations.batch_size": batch_size})
     usage_of = partial(routing_usage, model, adapter, model.config, batch_size=batch_size, device=device)
     usage_sets = [n for n, path in sets.items() if path.is_file() and (n != p.calibration or settings.mode == "progressive")]
     # Expert usage of the original model on each calibration set (progressive mode prunes the model: first).

@@ -95,6 +95,8 @@ class TokenLayout:
 # -- routing every candidate at once -------------------------------------------------------------
 #: Logit gap (relative to the logits' scale) below which two experts count as tied for the fast router.
 TIE_TOLERANCE = 1e-5
+#: Logit spread beyond which float32 softmax probabilities can underflow into ties.
+UNDERFLOW_SPREAD = 80.0
 #: Most experts the fast router handles (kept sets are float64 bit masks).
 FAST_ROUTER_MAX_EXPERTS = 52
 
@@ -109,8 +111,9 @@ class CandidateRouter:
     * For the softmax-top-k rule (:class:`SoftmaxTopK`: Mixtral, Qwen-MoE, OLMoE, DeepSeek-V2 greedy)
       a vectorised equivalent avoids per-row softmax/top-k kernels: the top-k of a kept set are its
       experts of highest logit (softmax is monotone) and the weights follow in closed form. Tokens
-      whose logits nearly tie (where rounding could reorder probabilities) take the batched rule, so
-      ids always equal the rule's and weights agree to float32 rounding.
+      whose logits nearly tie, or spread so far that probabilities underflow (where rounding could
+      reorder or tie probabilities), take the batched rule, so ids always equal the rule's and
+      weights agree to float32 rounding.
     """
 
     def __init__(self, adapter: MoEAdapter, block: nn.Module, config: Any) -> None:
@@ -174,15 +177,18 @@ class CandidateRouter:
             total = torch.stack(exps).sum(0)
             weights = [e / total for e in exps]
         else:
-            top = values[:, :1]
-            denom = (torch.exp(logits - top).double() @ member).float()
-            weights = [torch.exp(v - top) / denom for v in chosen]
+            # p_i = exp(l_i) / sum_{j in S} exp(l_j); float64 so no kept set's terms underflow.
+            top = values[:, :1].double()
+            denom = torch.exp(logits.double() - top) @ member
+            weights = [(torch.exp(v.double() - top) / denom).float() for v in chosen]
         w = torch.stack(weights)
         if rule.scale != 1.0:
             w = w * rule.scale
         out_ids = torch.stack(ids)
         scale = values.abs().amax(1).clamp_min(1.0)
         tied = ((values[:, :-1] - values[:, 1:]) <= TIE_TOLERANCE * scale.unsqueeze(1)).any(1)
+        # Float32 probabilities of experts ~87 nats below the best are denormal or zero: they tie.
+        tied |= (values[:, 0] - values[:, -1]) > UNDERFLOW_SPREAD
         if bool(tied.any()):
             rows = tied.nonzero().squeeze(1)
             w_tie, ids_tie = self._batched(rule, logits.index_select(0, rows), kept)
