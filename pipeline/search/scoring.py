@@ -12,6 +12,7 @@ candidates. ``loss(S) = sum_b sqrt(sum_{t in b} ||e_t(S)||^2)`` over calibration
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from collections.abc import Iterator, Sequence
@@ -101,6 +102,12 @@ UNDERFLOW_SPREAD = 80.0
 FAST_ROUTER_MAX_EXPERTS = 52
 
 
+def _fast_rule(rule: Any) -> bool:
+    """Whether ``rule`` is the softmax-top-k rule with exactly the settings the fast router implements."""
+    known = {"top_k", "renormalize", "scale", "cast_to_logits_dtype"}
+    return type(rule) is SoftmaxTopK and {f.name for f in dataclasses.fields(rule)} == known
+
+
 class CandidateRouter:
     """Routing weights and ids of many kept sets at once, as ``adapter.route`` computes them.
 
@@ -139,7 +146,7 @@ class CandidateRouter:
             weights = torch.stack([w.float().t() for w, _ in outs], 2)
             return weights.contiguous(), torch.stack([i.long().t() for _, i in outs], 2).contiguous()
         rule = self.rule(kept.shape[1])
-        if type(rule) is SoftmaxTopK and self.n <= FAST_ROUTER_MAX_EXPERTS and logits.dtype == torch.float32:
+        if _fast_rule(rule) and self.n <= FAST_ROUTER_MAX_EXPERTS and logits.dtype == torch.float32:
             return self._softmax_topk(rule, logits, kept)
         return self._batched(rule, logits, kept)
 
