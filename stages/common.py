@@ -49,6 +49,7 @@ class StageContext:
     run: StageRun
     upstream_runs: dict[str, dict[str, Any]] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    after_commit: list[Callable[[], None]] = field(default_factory=list)
 
     def upstream_dir(self, stage: str) -> Path:
         """Final output directory of an upstream stage."""
@@ -264,6 +265,8 @@ def _run(name: str, sections: tuple[str, ...], upstream: tuple[str, ...], fn: Ca
                 "seconds": round(time.time() - started, 2),
             }
             write_json(tmp / "run.json", record)
+        for callback in ctx.after_commit:  # e.g. deleting the stage's resumable work directory
+            callback()
         run.set_tags(out_tags(name))
         run.log_metrics({"stage_seconds": time.time() - started})
     log.info("%s done in %.1fs -> %s", name, time.time() - started, final)

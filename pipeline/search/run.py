@@ -1,0 +1,466 @@
+"""The per-layer search driver: one layer's search with baselines, and both modes with resume.
+
+* **layerwise**: each MoE layer is searched on its cached input from the original model.
+* **progressive**: the model is streamed layer by layer; each MoE layer is searched on the input
+  produced by the model whose earlier layers are already pruned, then pruned before the stream
+  moves on.
+
+Each finished layer is saved as ``layer_<iii>.json`` (+ ``.safetensors`` with the scored candidates)
+in a work directory; a restarted run skips (layerwise) or replays (progressive) saved layers, so
+its results equal those of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.errors import PipelineError
+from pipeline.io import load_tensors, read_json, save_tensors, write_json
+from pipeline.models.base import MoEAdapter
+from pipeline.search import baselines as baseline_sets
+from pipeline.search.evolutionary import EvolutionSettings, evolutionary_search
+from pipeline.search.reference import reference_losses
+from pipeline.search.scoring import CACHE_BYTES, LayerScorer
+from pipeline.search.strategies import (
+    StrategyResult,
+    beam_search,
+    enumerate_all,
+    greedy_search,
+    planned_candidates,
+    resolve,
+    validate_r,
+)
+from pipeline.streaming import stream_layers
+
+log = logging.getLogger(__name__)
+
+#: Relative difference allowed between the fast loss and its direct recomputation (``search.verify``).
+VERIFY_RTOL = {torch.float32: 1e-4, torch.float64: 1e-8}
+VERIFY_RTOL_LOW_PRECISION = 3e-2
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """The ``search`` params the driver uses (see params.yaml)."""
+
+    r: int
+    strategy: str = "auto"
+    mode: str = "layerwise"
+    enumerate_budget: int = 100_000
+    beam_width: int = 4
+    evolution: EvolutionSettings = EvolutionSettings()
+    baselines: tuple[str, ...] = baseline_sets.BASELINES
+    loss_batch_size: int = 1
+    token_chunk: int = 8192
+    verify: bool = True
+    seed: int = 0
+
+    @classmethod
+    def from_params(cls, p: Any) -> SearchSettings:
+        """From the validated ``search`` params section."""
+        evo = p.evolutionary
+        return cls(
+            r=p.r,
+            strategy=p.strategy,
+            mode=p.mode,
+            enumerate_budget=p.enumerate_budget,
+            beam_width=p.beam_width,
+            evolution=EvolutionSettings(evo.population, evo.mutation, evo.crossover, evo.budget),
+            baselines=tuple(p.baselines),
+            loss_batch_size=p.loss_batch_size,
+            token_chunk=p.token_chunk,
+            verify=p.verify,
+            seed=p.seed,
+        )
+
+
+@dataclass
+class LayerResult:
+    """One MoE layer's chosen set, its loss, the baselines' sets and losses, and what was scored."""
+
+    layer: int
+    strategy: str
+    kept: list[int]
+    loss: float
+    candidates_evaluated: int
+    baselines: dict[str, dict[str, Any]]
+    usage: list[int]
+    reap_scores: list[float]
+    verified_loss: float | None
+    seconds: float
+    candidates: torch.Tensor = field(repr=False)  # [C, r] long
+    losses: torch.Tensor = field(repr=False)  # [C] float64
+
+    def record(self) -> dict[str, Any]:
+        """The JSON-serialisable part (everything but the candidate table)."""
+        return {
+            "layer": self.layer,
+            "strategy": self.strategy,
+            "kept": self.kept,
+            "loss": self.loss,
+            "candidates_evaluated": self.candidates_evaluated,
+            "baselines": self.baselines,
+            "usage": self.usage,
+            "reap_scores": self.reap_scores,
+            "verified_loss": self.verified_loss,
+            "seconds": self.seconds,
+        }
+
+
+# -- resume files -----------------------------------------------------------------------------------
+def _layer_paths(work_dir: Path, layer: int) -> tuple[Path, Path]:
+    return work_dir / f"layer_{layer:03d}.json", work_dir / f"layer_{layer:03d}.safetensors"
+
+
+def save_layer(work_dir: Path, result: LayerResult) -> None:
+    """Save a finished layer (tensors first, the JSON last: the JSON marks completion)."""
+    meta, tensors = _layer_paths(work_dir, result.layer)
+    save_tensors(tensors, {"candidates": result.candidates, "losses": result.losses})
+    write_json(meta, result.record())
+
+
+def load_layer(work_dir: Path | None, layer: int) -> LayerResult | None:
+    """A layer saved by an earlier run, or None."""
+    if work_dir is None:
+        return None
+    meta, tensors = _layer_paths(work_dir, layer)
+    if not meta.is_file() or not tensors.is_file():
+        return None
+    rec = read_json(meta, what="saved search layer")
+    data = load_tensors(tensors, what="saved search layer")
+    return LayerResult(**rec, candidates=data["candidates"], losses=data["losses"])
+
+
+# -- one layer --------------------------------------------------------------------------------------
+class _Memo:
+    """Losses of kept sets, each computed once; shared by the strategy and the baselines."""
+
+    def __init__(self, scorer: LayerScorer) -> None:
+        self.scorer = scorer
+        self.known: dict[tuple[int, ...], float] = {}
+
+    def add(self, kept: torch.Tensor, losses: torch.Tensor) -> None:
+        self.known.update(zip(map(tuple, kept.tolist()), losses.tolist(), strict=True))
+
+    def __call__(self, kept: torch.Tensor) -> torch.Tensor:
+        rows = [tuple(r) for r in kept.tolist()]
+        todo = sorted({r for r in rows if r not in self.known})
+        if todo:
+            self.add(torch.tensor(todo, dtype=torch.long), self.scorer.losses(torch.tensor(todo, dtype=torch.long)))
+        return torch.tensor([self.known[r] for r in rows], dtype=torch.float64)
+
+
+def _check_finite(losses: torch.Tensor, layer: int) -> None:
+    if not bool(torch.isfinite(losses).all()):
+        raise PipelineError(
+            f"layer {layer}: the search loss is NaN or infinite (the block overflows in runtime.dtype); "
+            "rerun with runtime.dtype float32"
+        )
+
+
+def search_layer(
+    adapter: MoEAdapter,
+    block: nn.Module,
+    config: Any,
+    x: torch.Tensor,
+    layer: int,
+    settings: SearchSettings,
+    *,
+    seq_len: int,
+    device: torch.device | str = "cpu",
+    spill_dir: Path | None = None,
+    cache_bytes: int = CACHE_BYTES,
+) -> LayerResult:
+    """Search one MoE block on its input tokens ``x`` (``[N, L, d]`` or ``[N * L, d]``, sequence order)."""
+    started = time.perf_counter()
+    n, k, r = adapter.block_num_experts(block), adapter.top_k(config), settings.r
+    validate_r(r, n, k)
+    strategy = resolve(settings.strategy, n, r, settings.enumerate_budget)
+    scorer = LayerScorer(
+        adapter,
+        block,
+        config,
+        x,
+        tokens_per_batch=settings.loss_batch_size * seq_len,
+        token_chunk=settings.token_chunk,
+        device=device,
+        spill_dir=spill_dir,
+        cache_bytes=cache_bytes,
+    )
+    memo = _Memo(scorer)
+    try:
+        if strategy == "enumerate":
+            kept_all, losses = scorer.score_subsets(r)
+            _check_finite(losses, layer)
+            memo.add(kept_all, losses)
+            result = enumerate_all(kept_all, losses)
+        else:
+            scorer.prepare()
+            if strategy == "greedy":
+                result = greedy_search(memo, n, r)
+            elif strategy == "beam":
+                result = beam_search(memo, n, r, settings.beam_width)
+            elif strategy == "evolutionary":
+                result = evolutionary_search(memo, n, r, settings.evolution, seed=[settings.seed, layer])
+            elif strategy in baseline_sets.BASELINES:
+                assert scorer.stats is not None
+                kept = baseline_sets.select(strategy, scorer.stats, n, r, settings.seed, layer)
+                kept_t = torch.tensor([kept], dtype=torch.long)
+                loss_t = memo(kept_t)
+                result = StrategyResult(kept, float(loss_t[0]), 1, kept_t, loss_t)
+            else:
+                raise PipelineError(f"search.strategy: unknown strategy {strategy!r}")
+            _check_finite(result.losses, layer)
+        assert scorer.stats is not None
+        stats = scorer.stats
+        found: dict[str, dict[str, Any]] = {}
+        picks = {name: baseline_sets.select(name, stats, n, r, settings.seed, layer) for name in settings.baselines}
+        if picks:
+            losses_b = memo(torch.tensor(list(picks.values()), dtype=torch.long))
+            for (name, kept_b), loss_b in zip(picks.items(), losses_b.tolist(), strict=True):
+                found[name] = {"kept": kept_b, "loss": loss_b}
+    finally:
+        scorer.close()
+    verified = None
+    if settings.verify:
+        verified = verify_loss(adapter, block, config, x, result.kept, result.loss, layer, settings, seq_len)
+    return LayerResult(
+        layer=layer,
+        strategy=strategy,
+        kept=result.kept,
+        loss=result.loss,
+        candidates_evaluated=result.evaluated,
+        baselines=found,
+        usage=stats.counts.tolist(),
+        reap_scores=stats.reap_scores().tolist(),
+        verified_loss=verified,
+        seconds=round(time.perf_counter() - started, 3),
+        candidates=result.candidates,
+        losses=result.losses,
+    )
+
+
+def verify_loss(
+    adapter: MoEAdapter,
+    block: nn.Module,
+    config: Any,
+    x: torch.Tensor,
+    kept: Sequence[int],
+    loss: float,
+    layer: int,
+    settings: SearchSettings,
+    seq_len: int,
+) -> float:
+    """Recompute the chosen set's loss with the pruned block's own forward; raise if it disagrees."""
+    direct = float(
+        reference_losses(adapter, block, config, x, [list(kept)], tokens_per_batch=settings.loss_batch_size * seq_len, layer_idx=layer)[0]
+    )
+    dtype = next(block.parameters()).dtype
+    rtol = VERIFY_RTOL.get(dtype, VERIFY_RTOL_LOW_PRECISION)
+    scale = max(abs(direct), abs(loss))
+    if abs(direct - loss) > rtol * scale + 1e-12:
+        raise PipelineError(
+            f"search.verify: layer {layer}: the fast loss {loss:.6g} of experts {list(kept)} differs from the pruned "
+            f"block's own output ({direct:.6g}); the adapter's routing does not reproduce this model "
+            "(set search.verify: false to skip the check)"
+        )
+    return direct
+
+
+# -- estimate ---------------------------------------------------------------------------------------
+def estimate_seconds(
+    adapter: MoEAdapter,
+    block: nn.Module,
+    config: Any,
+    x: torch.Tensor,
+    settings: SearchSettings,
+    *,
+    seq_len: int,
+    num_layers: int,
+    device: torch.device | str = "cpu",
+    sample_tokens: int = 2048,
+    sample_candidates: int = 128,
+) -> tuple[str, int, float]:
+    """``(strategy, candidates per layer, estimated seconds for all layers)`` from a timed probe.
+
+    The probe runs one dense expert pass on up to ``sample_tokens`` tokens and scores up to
+    ``sample_candidates`` random sets, then scales to every token, candidate and layer.
+    """
+    n, k, r = adapter.block_num_experts(block), adapter.top_k(config), settings.r
+    validate_r(r, n, k)
+    strategy = resolve(settings.strategy, n, r, settings.enumerate_budget)
+    planned = planned_candidates(
+        strategy, n, r, beam_width=settings.beam_width, budget=settings.evolution.budget
+    ) + len(settings.baselines)
+    flat = x.reshape(-1, x.shape[-1])
+    tokens = flat.shape[0]
+    sample = flat[: min(tokens, sample_tokens)]
+    scorer = LayerScorer(
+        adapter, block, config, sample, tokens_per_batch=max(1, settings.loss_batch_size * seq_len),
+        token_chunk=settings.token_chunk, device=device,
+    )
+    gen = torch.Generator().manual_seed(0)
+    probe = torch.stack([torch.randperm(n, generator=gen)[:r].sort().values for _ in range(min(sample_candidates, math.comb(n, r)))])
+    t0 = time.perf_counter()
+    scorer.prepare()
+    t1 = time.perf_counter()
+    scorer.losses(probe)
+    t2 = time.perf_counter()
+    scorer.close()
+    scale = tokens / sample.shape[0]
+    per_layer = scale * ((t1 - t0) + (t2 - t1) * planned / probe.shape[0])
+    return strategy, planned, per_layer * num_layers
+
+
+# -- both modes ---------------------------------------------------------------------------------------
+LayerCallback = Callable[[LayerResult, bool], None]
+
+
+def _spill(work_dir: Path | None) -> Path | None:
+    return None if work_dir is None else work_dir / "spill"
+
+
+def _announce(
+    strategy: str, planned: int, layers: int, seconds: float, settings: SearchSettings, n: int, device: torch.device | str
+) -> None:
+    if settings.strategy == "auto":
+        how = f"{strategy} (auto: C({n}, {settings.r}) = {math.comb(n, settings.r)}, enumerate_budget {settings.enumerate_budget})"
+    else:
+        how = strategy
+    log.info(
+        "search: %s; keep %d of %d experts; %d candidates per layer + %d baselines, %d layers; estimated %.3g s on %s",
+        how, settings.r, n, planned - len(settings.baselines), len(settings.baselines), layers, seconds, device,
+    )
+
+
+def run_layerwise(
+    model: nn.Module,
+    adapter: MoEAdapter,
+    config: Any,
+    layers: Sequence[int],
+    load: Callable[[int], torch.Tensor],
+    settings: SearchSettings,
+    *,
+    device: torch.device | str = "cpu",
+    work_dir: Path | None = None,
+    on_layer: LayerCallback | None = None,
+) -> list[LayerResult]:
+    """Search every MoE layer in ``layers`` on its cached input ``load(i)`` ``[N, L, d]``."""
+    decoder = adapter.decoder_layers(model)
+    results: list[LayerResult] = []
+    announced = False
+    for i in layers:
+        saved = load_layer(work_dir, i)
+        if saved is not None:
+            log.info("search: layer %d already done (resumed from %s)", i, work_dir)
+            results.append(saved)
+            if on_layer:
+                on_layer(saved, True)
+            continue
+        block = adapter.moe_block(decoder[i])
+        if block is None:
+            raise PipelineError(f"layer {i} of the model has no MoE block, but the activation cache lists it")
+        home = next(block.parameters()).device
+        block.to(device)
+        x = load(i)
+        if x.dim() != 3:
+            raise PipelineError(f"activations of layer {i} have shape {tuple(x.shape)}, expected [samples, seq_len, hidden]")
+        if not announced:
+            strategy, planned, seconds = estimate_seconds(
+                adapter, block, config, x, settings, seq_len=x.shape[1], num_layers=len(layers) - len(results), device=device
+            )
+            _announce(strategy, planned, len(layers), seconds, settings, adapter.block_num_experts(block), device)
+            announced = True
+        result = search_layer(
+            adapter, block, config, x, i, settings, seq_len=x.shape[1], device=device, spill_dir=_spill(work_dir)
+        )
+        block.to(home)
+        if work_dir is not None:
+            save_layer(work_dir, result)
+        results.append(result)
+        if on_layer:
+            on_layer(result, False)
+    return results
+
+
+def run_progressive(
+    model: nn.Module,
+    adapter: MoEAdapter,
+    config: Any,
+    input_ids: torch.Tensor,
+    settings: SearchSettings,
+    *,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    work_dir: Path | None = None,
+    on_layer: LayerCallback | None = None,
+) -> list[LayerResult]:
+    """Search each MoE layer on the input of the model whose earlier MoE layers are already pruned.
+
+    The model's MoE blocks are replaced in place by their pruned versions.
+    """
+    device = torch.device(device)
+    seq_len = int(input_ids.shape[1])
+    moe_layers = adapter.moe_layer_indices(model)
+    pruned_config = None
+    results: list[LayerResult] = []
+    announced = False
+    for step in stream_layers(model, adapter, input_ids, batch_size=batch_size, device=device, desc="search"):
+        if step.block is None:
+            continue
+        result = load_layer(work_dir, step.index)
+        resumed = result is not None
+        if result is None:
+            x = step.moe_tokens()
+            if not announced:
+                strategy, planned, seconds = estimate_seconds(
+                    adapter, step.block, config, x, settings, seq_len=seq_len,
+                    num_layers=len(moe_layers) - len(results), device=device,
+                )
+                _announce(
+                    strategy, planned, len(moe_layers), seconds, settings, adapter.block_num_experts(step.block), device
+                )
+                announced = True
+            result = search_layer(
+                adapter, step.block, config, x, step.index, settings, seq_len=seq_len, device=device,
+                spill_dir=_spill(work_dir),
+            )
+            del x
+            if work_dir is not None:
+                save_layer(work_dir, result)
+        else:
+            log.info("search: layer %d already done (replaying its selection from %s)", step.index, work_dir)
+        if pruned_config is None:
+            pruned_config = adapter.pruned_config(config, settings.r)
+        step.replace_block(adapter, adapter.prune_block(step.block, result.kept, pruned_config, step.index))
+        results.append(result)
+        if on_layer:
+            on_layer(result, resumed)
+    return results
+
+
+@torch.no_grad()
+def routing_usage(
+    model: nn.Module, adapter: MoEAdapter, config: Any, input_ids: torch.Tensor, *, batch_size: int, device: torch.device | str
+) -> dict[int, list[int]]:
+    """Routing slots taken by each expert of each MoE layer when the model reads ``input_ids``."""
+    usage: dict[int, list[int]] = {}
+    for step in stream_layers(model, adapter, input_ids, batch_size=batch_size, device=torch.device(device), desc="usage"):
+        if step.block is None:
+            continue
+        counts = torch.zeros(adapter.block_num_experts(step.block), dtype=torch.long)
+        for xb in step.moe_input:
+            tokens = xb.reshape(-1, xb.shape[-1])
+            _, ids = adapter.route(step.block, adapter.router_logits(step.block, tokens), config)
+            counts += torch.bincount(ids.reshape(-1).cpu(), minlength=counts.numel())
+        usage[step.index] = counts.tolist()
+    return usage

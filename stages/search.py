@@ -1,0 +1,103 @@
+"""DVC stage `search`: choose the `search.r` experts each MoE layer keeps (method.md §2, §5, §6).
+
+Writes `outputs/search/selection.json`, `tables/` (every scored set's loss; baselines),
+`plots/` (loss distribution per layer; expert usage per calibration set) and `metrics.json`.
+Finished layers survive a crash in `outputs/.work/search/<key>/`; a rerun resumes after them.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+from pipeline.activations import ActivationCache
+from pipeline.errors import PipelineError
+from pipeline.io import load_tensors, remove_path, sha256_file, write_json
+from pipeline.models import get_adapter
+from pipeline.models.loading import ModelManifest, checkpoint_fingerprint, load_model
+from pipeline.runtime import dtype_name, resolve_device, resolve_dtype, seed_everything
+from pipeline.search import report
+from pipeline.search.run import LayerResult, SearchSettings, routing_usage, run_layerwise, run_progressive
+from pipeline.search.strategies import validate_r
+from stages.common import StageContext, stage, stage_dir
+
+#: Larger outputs are recorded in MLflow by path and hash instead of being copied.
+MAX_ARTIFACT_BYTES = 50 << 20
+
+
+@stage("search", sections=("search", "runtime"), upstream=("model", "calibration", "activations"))
+def main(ctx: StageContext) -> None:
+    """Validate, search every MoE layer, write the selection with tables, plots and metrics."""
+    p, runtime = ctx.params.search, ctx.params.runtime
+    settings = SearchSettings.from_params(p)
+    manifest = ModelManifest.load(stage_dir("model") / "manifest.json")
+    validate_r(p.r, manifest.num_experts, manifest.top_k)
+    sets = {name: stage_dir("calibration") / f"{name}.safetensors" for name in ctx.params.calibration.sets}
+    if not sets[p.calibration].is_file():
+        raise PipelineError(f"search.calibration: {sets[p.calibration]} does not exist (run dvc repro calibration)")
+    cache = ActivationCache(stage_dir("activations"), manifest.fingerprint)
+    if cache.calibration != p.calibration:
+        raise PipelineError(
+            f"search.calibration: the activations were computed on {cache.calibration!r}, not {p.calibration!r}; "
+            "rerun dvc repro activations"
+        )
+    if checkpoint_fingerprint(manifest.path) != manifest.fingerprint:
+        raise PipelineError(f"{manifest.path}: checkpoint changed since the model stage ran; rerun it (dvc repro model)")
+    device = resolve_device(runtime.device)
+    dtype = resolve_dtype(runtime.dtype, device)
+    seed_everything(p.seed)
+    model = load_model(manifest.path, dtype=dtype, device="cpu", trust_remote_code=runtime.trust_remote_code)
+    adapter = get_adapter(model.config)
+    work = ctx.work_dir({
+        "model": manifest.fingerprint,
+        "activations": cache.manifest["files"],
+        "calibration": sha256_file(sets[p.calibration]),
+        "search": p.model_dump(mode="json"),
+        "device": device.type,
+        "dtype": dtype_name(dtype),
+    })
+    batch_size = ctx.params.activations.batch_size
+    ctx.run.log_params({"activations.batch_size": batch_size})
+    usage_of = partial(routing_usage, model, adapter, model.config, batch_size=batch_size, device=device)
+    usage_sets = [n for n, path in sets.items() if path.is_file() and (n != p.calibration or settings.mode == "progressive")]
+    # Expert usage of the original model on each calibration set (progressive mode prunes the model: first).
+    usage = {n: usage_of(load_tensors(sets[n])["input_ids"]) for n in usage_sets} if settings.mode == "progressive" else {}
+
+    resumed_layers: list[int] = []
+
+    def on_layer(result: LayerResult, resumed: bool) -> None:
+        if resumed:
+            resumed_layers.append(result.layer)
+        row = {"layer.loss": result.loss, **{f"layer.loss_{k}": b["loss"] for k, b in result.baselines.items()}}
+        ctx.run.log_metrics(row, step=result.layer)  # a series over layers in the MLflow UI
+
+    if settings.mode == "layerwise":
+        results = run_layerwise(model, adapter, model.config, cache.layers, cache.load, settings,
+                                device=device, work_dir=work, on_layer=on_layer)
+        usage = {n: usage_of(load_tensors(sets[n])["input_ids"]) for n in usage_sets}
+        usage[p.calibration] = {r.layer: r.usage for r in results}
+    else:
+        input_ids = load_tensors(sets[p.calibration])["input_ids"]
+        results = run_progressive(model, adapter, model.config, input_ids, settings, batch_size=batch_size,
+                                  device=device, work_dir=work, on_layer=on_layer)
+
+    doc = report.selection(results, settings, calibration=p.calibration, model_fingerprint=manifest.fingerprint,
+                           num_experts=manifest.num_experts, top_k=manifest.top_k)
+    write_json(ctx.out / "selection.json", doc)
+    files = report.write_tables(ctx.out / "tables", results)
+    files += report.write_plots(ctx.out / "plots", results, dict(sorted(usage.items())), search_set=p.calibration,
+                                strategy=doc["strategy"], r=p.r, n=manifest.num_experts)
+    metrics, flat = report.metrics(results, sum(r.seconds for r in results))
+    write_json(ctx.out / "metrics.json", metrics)
+    ctx.run.log_metrics(flat)
+    ctx.run.set_tags({"search.strategy": doc["strategy"], "search.resumed_layers": len(resumed_layers)})
+    ctx.run.log_artifact(ctx.out / "selection.json")
+    for path in files:
+        if path.stat().st_size > MAX_ARTIFACT_BYTES:  # e.g. the candidate table of a large enumeration
+            ctx.run.log_reference(path.name, stage_dir("search") / path.relative_to(ctx.out), sha256_file(path))
+        else:
+            ctx.run.log_artifact(path, artifact_path=str(path.parent.relative_to(ctx.out)))
+    ctx.after_commit.append(lambda: remove_path(work))
+
+
+if __name__ == "__main__":
+    main()
