@@ -92,9 +92,9 @@ class TrainParams(Section):
 
     seq_len: Annotated[int, Field(ge=8)] = 128
     batch_size: PosInt = 16
-    steps: PosInt = 300
+    steps: PosInt = 900
     lr: Annotated[float, Field(gt=0.0, lt=1.0)] = 3e-3
-    warmup_steps: NonNegInt = 30
+    warmup_steps: NonNegInt = 60
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.01
     router_aux_loss_coef: Annotated[float, Field(ge=0.0)] = 0.01
     eval_tokens_per_domain: PosInt = 16384
