@@ -97,7 +97,8 @@ def tracked_files() -> list[str]:
     out = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
     )
-    return [line for line in out.stdout.splitlines() if (ROOT / line).is_file()]
+    # outputs/ of the developer's own runs (run.json, metrics.json are not git-ignored) stay behind.
+    return [line for line in out.stdout.splitlines() if (ROOT / line).is_file() and not line.startswith("outputs/")]
 
 
 def make_project(dest: Path, override: Mapping[str, Any] | None = None) -> Path:
@@ -173,14 +174,15 @@ def run_twice(dest: Path, first_r: int = 6, second_r: int = 4) -> Path:
     """The user's loop on a tiny project: ``dvc repro`` with ``search.r = first_r`` (committed),
     then ``dvc exp run -S search.r=<second_r>`` (applied to the workspace and committed).
 
-    Leaves two git commits (``HEAD~1``: first_r, ``HEAD``: second_r), both pipelines' outputs in
-    the DVC cache, and both sets of MLflow runs in ``dest/mlflow.db``.
+    Leaves two git commits tagged ``r<first_r>`` and ``r<second_r>``, both pipelines' outputs in the
+    DVC cache, the DVC experiment on the first commit, and every MLflow run in ``dest/mlflow.db``.
     """
     project = make_project(dest, merge(TINY, {"search": {"r": first_r}}))
     run(project, "dvc", "repro")
-    run(project, "git", "add", "-A")
-    run(project, "git", "commit", "-qm", f"search.r={first_r}")
-    run(project, "dvc", "exp", "run", "-S", f"search.r={second_r}")
-    run(project, "git", "add", "-A")
-    run(project, "git", "commit", "-qm", f"search.r={second_r}")
+    for r, cmd in ((first_r, None), (second_r, ("dvc", "exp", "run", "-S", f"search.r={second_r}"))):
+        if cmd:
+            run(project, *cmd)
+        run(project, "git", "add", "-A")
+        run(project, "git", "commit", "-qm", f"search.r={r}")
+        run(project, "git", "tag", f"r{r}")
     return project

@@ -129,7 +129,8 @@ def test_mlflow_ui_compares_two_pipeline_runs(compared_project: Path, tmp_path: 
                     assert key in table, f"metric {key} not on the page: {sorted(table)}"
                     shown = [float(v) for v in table[key]]
                     stored = [r.data.metrics[key] for r in runs]
-                    assert shown == pytest.approx(stored, rel=2e-3), (key, shown, stored)
+                    # MLflow shows 3 decimals or 4 significant digits, whichever is coarser
+                    assert shown == pytest.approx(stored, rel=2e-3, abs=6e-4), (key, shown, stored)
                 assert table["experts_per_layer"] == ["6", "4"]
 
                 # What a person looks at: speed next to accuracy in the parallel-coordinates plot,
