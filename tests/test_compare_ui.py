@@ -15,6 +15,8 @@ import os
 import re
 import shutil
 import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +106,13 @@ def test_mlflow_ui_compares_two_pipeline_runs(compared_project: Path, tmp_path: 
     shot = tmp_path / "mlflow-compare.png"
 
     with mlflow_server(store, cwd=compared_project, log=tmp_path / "server.log") as url:
+        # The server serves the project's own artifact root (mlartifacts/): the r=4 benchmark's figure.
+        parent = runs[1].data.tags["mlflow.parentRunId"]
+        query = urllib.parse.urlencode({"path": "plots/speedup.png", "run_uuid": parent})
+        with urllib.request.urlopen(f"{url}/get-artifact?{query}", timeout=30) as resp:  # noqa: S310 - loopback
+            served = resp.read()
+        assert served == (compared_project / "outputs" / "benchmark" / "plots" / "speedup.png").read_bytes()
+
         page_url = f"{url}/#/compare-runs?runs={json.dumps(ids)}&experiments={json.dumps(experiments)}"
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
