@@ -37,6 +37,18 @@ def default_tracking_uri(root: str | os.PathLike[str]) -> str:
     return f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
 
 
+def is_server_uri(uri: str) -> bool:
+    """True for a tracking server (``http(s)://``, Databricks), whose artifact root is its own."""
+    return uri.startswith(("http://", "https://", "databricks"))
+
+
+def default_artifact_root(uri: str, root: str | os.PathLike[str]) -> Path | None:
+    """Where a new experiment keeps its artifacts: ``<root>/mlartifacts`` beside a local store
+    (SQLite, file, direct database), None for a tracking server so that the server's own
+    default artifact root (``--artifacts-destination``, proxied) applies."""
+    return None if is_server_uri(uri) else Path(root).resolve() / "mlartifacts"
+
+
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """Raise a one-line error when an HTTP tracking server does not answer its health check."""
     if not uri.startswith(("http://", "https://")):

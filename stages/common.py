@@ -29,7 +29,7 @@ import yaml
 from pipeline.config import Params, flatten, load_params
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_dir, read_json, write_json
-from pipeline.tracking import StageRun, default_tracking_uri
+from pipeline.tracking import StageRun, default_artifact_root, default_tracking_uri
 
 ROOT = Path.cwd()
 OUTPUTS = Path("outputs")
@@ -237,11 +237,12 @@ def _run(name: str, sections: tuple[str, ...], upstream: tuple[str, ...], fn: Ca
     for up, record in ups.items():
         if record.get("run_id"):
             tags[f"upstream.{up}.run_id"] = record["run_id"]
+    uri = default_tracking_uri(ROOT)
     run = StageRun(
         name,
         params.tracking.experiment,
-        default_tracking_uri(ROOT),
-        artifact_root=ROOT / "mlartifacts",
+        uri,
+        artifact_root=default_artifact_root(uri, ROOT),
         params=flat,
         tags=tags,
         enabled=params.tracking.enabled,

@@ -23,3 +23,12 @@ def tiny_mixtral():
     from tests.factory import tiny_model
 
     return tiny_model("mixtral")
+
+
+@pytest.fixture(scope="session")
+def compared_project(tmp_path_factory):
+    """A tiny project run end to end twice (search.r 6, then `dvc exp run -S search.r=4`), both
+    committed; MLflow store in ``<project>/mlflow.db``. Shared by the UI, plots and team tests."""
+    from tests.project import run_twice
+
+    return run_twice(tmp_path_factory.mktemp("compared") / "project")

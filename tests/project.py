@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
-from collections.abc import Mapping
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +97,8 @@ def tracked_files() -> list[str]:
     out = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
     )
-    return [line for line in out.stdout.splitlines() if (ROOT / line).is_file()]
+    # outputs/ of the developer's own runs (run.json, metrics.json are not git-ignored) stay behind.
+    return [line for line in out.stdout.splitlines() if (ROOT / line).is_file() and not line.startswith("outputs/")]
 
 
 def make_project(dest: Path, override: Mapping[str, Any] | None = None) -> Path:
@@ -117,3 +124,65 @@ def set_params(project: Path, params: Mapping[str, Any]) -> None:
 def read_params(project: Path) -> dict[str, Any]:
     """params.yaml of the project copy."""
     return yaml.safe_load((project / "params.yaml").read_text())
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def mlflow_server(backend_store_uri: str, *args: str, cwd: Path, log: Path, timeout: float = 120.0) -> Iterator[str]:
+    """``mlflow server`` on 127.0.0.1 at a free port; yields its URL once ``/health`` answers.
+
+    The server runs in its own process group and is stopped by that group's id (SIGTERM, then
+    SIGKILL), whatever the block does.
+    """
+    port = free_port()
+    cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", backend_store_uri,
+           "--host", "127.0.0.1", "--port", str(port), "--workers", "1", *args]
+    url = f"http://127.0.0.1:{port}"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env(cwd), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:  # noqa: S310 - loopback
+                    if resp.status == 200:
+                        break
+            except (OSError, urllib.error.URLError):
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"mlflow server did not come up ({' '.join(cmd)}):\n{log.read_text()[-4000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=20)
+
+
+def run_twice(dest: Path, first_r: int = 6, second_r: int = 4) -> Path:
+    """The user's loop on a tiny project: ``dvc repro`` with ``search.r = first_r`` (committed),
+    then ``dvc exp run -S search.r=<second_r>`` (applied to the workspace and committed).
+
+    Leaves two git commits tagged ``r<first_r>`` and ``r<second_r>``, both pipelines' outputs in the
+    DVC cache, the DVC experiment on the first commit, and every MLflow run in ``dest/mlflow.db``.
+    """
+    project = make_project(dest, merge(TINY, {"search": {"r": first_r}}))
+    run(project, "dvc", "repro")
+    for r, cmd in ((first_r, None), (second_r, ("dvc", "exp", "run", "-S", f"search.r={second_r}"))):
+        if cmd:
+            run(project, *cmd)
+        run(project, "git", "add", "-A")
+        run(project, "git", "commit", "-qm", f"search.r={r}")
+        run(project, "git", "tag", f"r{r}")
+    return project

@@ -69,3 +69,15 @@ def test_unreachable_server_is_one_line(tmp_path):
     with pytest.raises(PipelineError, match=r"MLflow tracking server http://127\.0\.0\.1:\d+ is unreachable"):
         with StageRun("corpus", "exp", f"http://127.0.0.1:{port}"):
             pass
+
+
+@pytest.mark.parametrize(
+    ("uri", "local"),
+    [("sqlite:///x/mlflow.db", True), ("file:///x/mlruns", True), ("postgresql://db/mlflow", True),
+     ("http://127.0.0.1:5000", False), ("https://mlflow.example.com", False), ("databricks", False)],
+)
+def test_artifact_root_is_local_only_beside_a_local_store(uri, local, tmp_path):
+    from pipeline.tracking import default_artifact_root
+
+    root = default_artifact_root(uri, tmp_path)
+    assert root == (tmp_path.resolve() / "mlartifacts" if local else None)

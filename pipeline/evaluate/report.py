@@ -248,19 +248,29 @@ def write_plots(metrics: Mapping[str, Any], directory: str | Path) -> list[Path]
     for name, rows in data.items():
         written.append(write_json(directory / f"{name}.json", rows))
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for row in data["accuracy_vs_memory"]:
-        ax.scatter(row["weight_gb"] * 1e3, row["average_accuracy"] * 100)
-        ax.annotate(
-            row["variant"],
-            (row["weight_gb"] * 1e3, row["average_accuracy"] * 100),
-            textcoords="offset points",
-            xytext=(4, 4),
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    rows = data["accuracy_vs_memory"]
+    scale, unit = (1.0, "GB") if max((r["weight_gb"] for r in rows), default=0) >= 1 else (1e3, "MB")
+    for row in rows:
+        skip = row["variant"].endswith("_skip")
+        style = _variant_style(row["variant"])
+        ax.scatter(
+            row["weight_gb"] * scale,
+            row["average_accuracy"] * 100,
+            s=40 if skip else 110,
+            marker="^" if skip else "o",
+            facecolors=style["color"] if skip else "none",
+            edgecolors=style["color"],
+            linewidths=1.6,
+            label=row["variant"],
+            zorder=3,
         )
     ax.set_title("Average accuracy vs weight memory")
-    ax.set_xlabel("weight memory (MB)")
+    ax.set_xlabel(f"weight memory ({unit})")
     ax.set_ylabel("average accuracy (%)")
     ax.grid(alpha=0.3)
+    if rows:  # coinciding points stay apart in the legend: circle = all experts run, triangle = skipping
+        ax.legend(title="variant", fontsize="small", loc="best")
     written.append(_save(fig, directory / "accuracy_vs_memory.png"))
 
     tasks = accuracy_tasks(metrics)
@@ -273,7 +283,15 @@ def write_plots(metrics: Mapping[str, Any], directory: str | Path) -> list[Path]
             m = metrics["variants"][variant]["tasks"].get(task, {})
             p = primary_metric(task, m)
             values.append(m[p] * 100 if p else 0.0)
-        ax.bar([i + j * width for i in range(len(tasks))], values, width=width, label=variant)
+        ax.bar(
+            [i + j * width for i in range(len(tasks))],
+            values,
+            width=width,
+            label=variant,
+            color=_variant_style(variant)["color"],
+            hatch="//" if variant.endswith("_skip") else None,
+            edgecolor="white" if not variant.endswith("_skip") else "black",
+        )
     ax.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(tasks))], tasks, rotation=20, ha="right")
     ax.set_title("Accuracy per task and variant")
     ax.set_xlabel("task")
@@ -283,13 +301,28 @@ def write_plots(metrics: Mapping[str, Any], directory: str | Path) -> list[Path]
 
     fig, ax = plt.subplots(figsize=(6, 4))
     rows = data["speedup"]
-    ax.bar([r["variant"] for r in rows], [r["speedup"] for r in rows])
-    ax.axhline(1.0, color="grey", linewidth=0.8)
+    bars = ax.bar(
+        [r["variant"] for r in rows],
+        [r["speedup"] for r in rows],
+        color=[_variant_style(r["variant"])["color"] for r in rows],
+    )
+    for bar, row in zip(bars, rows, strict=True):
+        bar.set_hatch("//" if row["variant"].endswith("_skip") else "")
+    ax.bar_label(bars, labels=[f"{r['speedup']:.2f}x\n{r['tokens_per_s']:.0f} tok/s" for r in rows], fontsize="small")
+    ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
+    ax.set_ylim(0, max([r["speedup"] for r in rows] + [1.0]) * 1.25)
     ax.set_title("Decoding speed-up relative to the original model")
-    ax.set_xlabel("variant")
-    ax.set_ylabel("speed-up (x)")
+    ax.set_xlabel("variant (hatched: dynamic expert skipping)")
+    ax.set_ylabel("speed-up (x, tokens/s over original)")
     written.append(_save(fig, directory / "speedup.png"))
     return written
+
+
+def _variant_style(variant: str) -> dict[str, str]:
+    """One colour per model (original, pruned, ...), shared by its ``_skip`` variant."""
+    base = variant.removesuffix("_skip")
+    palette = {"original": "tab:blue", "pruned": "tab:orange"}
+    return {"color": palette.get(base, "tab:green")}
 
 
 def _save(fig: Any, path: Path) -> Path:
