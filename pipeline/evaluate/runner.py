@@ -75,6 +75,7 @@ class BenchmarkSettings:
     device_map: str | None = None
     trust_remote_code: bool = False
     speed: SpeedSettings = SpeedSettings()
+    vllm_args: Mapping[str, Any] = field(default_factory=dict)
 
 
 def _json_safe(obj: Any) -> Any:
@@ -196,6 +197,7 @@ def run_accuracy(
                         limit=settings.limit,
                         num_fewshot=num_fewshot,
                         trust_remote_code=settings.trust_remote_code,
+                        model_args=settings.vllm_args,
                     )
                     write_json(results_dir / f"{v.name}.json", _json_safe(raw))
                     out[v.name] = VariantResult(name=v.name, tasks=task_metrics(raw, rows), weight_bytes=0)
@@ -430,7 +432,7 @@ def describe_settings(
         "skipping": f"quantile {th.get('quantile')}, calibration {th.get('calibration')}" if thresholds else "-",
         "device / dtype": f"{settings.device} / {str(settings.dtype).removeprefix('torch.')} "
         f"(device_map {settings.device_map}), experts implementation {EXPERTS_IMPLEMENTATION}",
-        "lm-eval": f"backend {settings.backend}, tasks {list(settings.tasks)}, "
+        "lm-eval": f"backend {settings.backend}{f' {dict(settings.vllm_args)}' if settings.backend == 'vllm' and settings.vllm_args else ''}, tasks {list(settings.tasks)}, "
         f"num_fewshot {dict(settings.num_fewshot)}, limit {settings.limit}, batch size {settings.batch_size}",
         "speed": f"greedy, batch size 1, {sp.prompts} prompts x {sp.new_tokens} new tokens, median of {sp.repeats} "
         f"interleaved repeats after {max(1, sp.warmup)} untimed",
