@@ -271,6 +271,7 @@ class BenchmarkParams(Section):
     backend: Literal["hf", "vllm"] = "hf"
     device_map: str | None = None
     vllm_args: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
+    experts_implementation: Literal["eager", "grouped_mm"] = "eager"
     speed: SpeedParams = SpeedParams()
 
 

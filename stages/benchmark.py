@@ -58,6 +58,7 @@ def main(ctx: StageContext) -> None:
         trust_remote_code=rt.trust_remote_code,
         speed=SpeedSettings(**p.speed.model_dump()),
         vllm_args=dict(p.vllm_args),
+        experts_implementation=p.experts_implementation,
     )
     results = run_benchmark(variants, settings, stage_dir("corpus") / "eval", ctx.out / "results")
     metrics = build_metrics(results)

@@ -146,14 +146,18 @@ def _generate_all(model: nn.Module, prompts: Sequence[torch.Tensor], new_tokens:
 
 
 @contextlib.contextmanager
-def _variant_active(case: SpeedCase) -> Iterator[Any]:
-    """Dynamic skipping enabled on the case's model for the block (a no-op for other variants)."""
+def _variant_active(case: SpeedCase, count: bool) -> Iterator[Any]:
+    """Dynamic skipping enabled on the case's model for the block (a no-op for other variants).
+
+    The model keeps its experts implementation when that one skips sentinel slots (eager,
+    grouped_mm); ``count`` installs the dispatch-counting hooks (off in timed rounds).
+    """
     if not case.skip:
         yield None
         return
     from pipeline.skipping import enable
 
-    handle = enable(case.model, case.thresholds)
+    handle = enable(case.model, case.thresholds, count=count, experts_implementation=None)
     try:
         yield handle
     finally:
@@ -171,7 +175,7 @@ def measure_speed(
 
     The first untimed round (there is always one, even with ``warmup=0``) counts expert
     evaluations: from the skipping handle's ``stats()`` for skip variants, from router hooks
-    otherwise; timed rounds run without any counting hook.
+    otherwise; timed rounds run without any counting hook (skip variants keep only the skip rule).
     """
     names = [c.name for c in cases]
     if len(set(names)) != len(names):
@@ -187,7 +191,7 @@ def measure_speed(
             shift = round_idx % len(cases)
             for case in list(cases[shift:]) + list(cases[:shift]):
                 counting = round_idx == 0
-                with _variant_active(case) as handle:
+                with _variant_active(case, counting) as handle:
                     counter = ExpertCounter(case.model) if counting and not case.skip else contextlib.nullcontext()
                     if handle is not None and counting:
                         handle.reset()
