@@ -55,6 +55,11 @@ def layer_source(model: nn.Module) -> CheckpointLayers | None:
     return _LOADERS.get(model)
 
 
+def detach_layer_source(model: nn.Module) -> None:
+    """Forget ``model``'s per-layer loader (once every layer is materialised for good, e.g. after export)."""
+    _LOADERS.pop(model, None)
+
+
 def weight_files(path: str | os.PathLike[str]) -> dict[str, list[str]]:
     """``{file name: [tensor names]}`` of a checkpoint's safetensors weights (index json or one file)."""
     root = Path(path)
@@ -330,6 +335,7 @@ __all__ = [
     "OffloadUnsupported",
     "available_ram_bytes",
     "checkpoint_bytes",
+    "detach_layer_source",
     "layer_source",
     "load_layer_offloaded",
     "should_offload",

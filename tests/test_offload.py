@@ -194,3 +194,31 @@ def test_unsupported_checkpoint_falls_back_to_whole_loading(tmp_path: Path, capl
     reference = load_model(path)
     ids = _ids(model.config.vocab_size)
     assert all(torch.equal(a[1], b[1]) for a, b in zip(_stream(model, ids), _stream(reference, ids), strict=True))
+
+
+def test_export_from_offloaded_model_equals_export_from_loaded_model(tmp_path: Path) -> None:
+    """Export reads each layer from the checkpoint, prunes it and keeps only the pruned layer."""
+    from safetensors.torch import load_file
+
+    from pipeline.export import Selection, export_pruned
+
+    path = save_tiny_checkpoint(tmp_path / "m", "qwen3_moe")  # a dense first layer, then MoE layers
+    full, lazy = load_model(path), load_model(path, offload="layers")
+    adapter = get_adapter(full.config)
+    layers = adapter.moe_layer_indices(full)
+    selection = Selection.from_dict(
+        {"r": 4, "num_experts": 8, "top_k": 2, "layers": [{"layer": i, "kept": [0, 2, 5, 7]} for i in layers]}
+    )
+    ids = _ids(full.config.vocab_size)
+    inputs = {
+        s.index: torch.cat(s.moe_input)
+        for s in stream_layers(full, adapter, ids, batch_size=2, device=CPU, progress=False)
+        if s.block is not None
+    }
+    a = export_pruned(full, adapter, selection, tmp_path / "a", inputs=inputs.__getitem__, progress=False)
+    b = export_pruned(lazy, adapter, selection, tmp_path / "b", inputs=inputs.__getitem__, progress=False)
+    assert layer_source(lazy) is None and not any(p.is_meta for p in lazy.parameters())
+    assert (a.params_before, a.params_after) == (b.params_before, b.params_after)
+    assert [c.rel_error for c in a.checks] == [c.rel_error for c in b.checks]
+    ta, tb = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert sorted(ta) == sorted(tb) and all(torch.equal(ta[k], tb[k]) for k in ta)

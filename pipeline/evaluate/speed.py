@@ -107,13 +107,28 @@ def encode_prompts(tokenizer: Any, texts: Sequence[str], count: int, max_tokens:
     return out
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+def input_device(model: nn.Module) -> torch.device:
+    """Where a model's token ids must go: its input embeddings' device.
+
+    For a model dispatched with a ``device_map`` (accelerate hooks) this is the embeddings' execution
+    device, which holds even when their weights are offloaded (and then on the meta device).
+    """
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    hook = getattr(embeddings, "_hf_hook", None)
+    execution = getattr(hook, "execution_device", None)
+    if execution is not None:
+        return torch.device(f"cuda:{execution}" if isinstance(execution, int) else execution)
+    weight = getattr(embeddings, "weight", None)
+    if isinstance(weight, torch.Tensor) and not weight.is_meta:
+        return weight.device
+    return next(p.device for p in model.parameters() if not p.is_meta)
 
 
 def _sync(device: torch.device) -> None:
+    """Wait for queued GPU work (on every GPU: a device map may spread the model over several)."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        for i in range(torch.cuda.device_count()):
+            torch.cuda.synchronize(i)
 
 
 @torch.no_grad()
@@ -121,7 +136,7 @@ def _generate_all(model: nn.Module, prompts: Sequence[torch.Tensor], new_tokens:
     """Greedy-decode every prompt at batch size 1; (new tokens produced, seconds)."""
     from transformers import GenerationConfig
 
-    device = _device_of(model)
+    device = input_device(model)
     eos = model.generation_config.eos_token_id
     pad = model.generation_config.pad_token_id
     if pad is None:
