@@ -313,17 +313,21 @@ def load_layer_offloaded(path: str | os.PathLike[str], config: Any, dtype: torch
         raise OffloadUnsupported("models with remote code are loaded whole")
     path = Path(path)
     adapter = get_adapter(config)
-    model = _skeleton(config, dtype)
-    layers = adapter.decoder_layers(model)
-    ids = {id(layer): i for i, layer in enumerate(layers)}
-    prefixes = [""] * len(layers)
-    for name, module in model.named_modules():
-        if id(module) in ids:
-            prefixes[ids[id(module)]] = name
-    loader = CheckpointLayers(model, path, dtype, layers, prefixes)
-    loader.load_rest()
-    loader.load(0, "cpu")
-    loader.release(0)
+    try:
+        model = _skeleton(config, dtype)
+        layers = adapter.decoder_layers(model)
+        ids = {id(layer): i for i, layer in enumerate(layers)}
+        prefixes = [""] * len(layers)
+        for name, module in model.named_modules():
+            if id(module) in ids:
+                prefixes[ids[id(module)]] = name
+        loader = CheckpointLayers(model, path, dtype, layers, prefixes)
+        loader.load_rest()
+        loader.load(0, "cpu")
+        loader.release(0)
+    except (AttributeError, TypeError, KeyError, ValueError, RuntimeError, OSError) as exc:
+        # transformers' loading internals changed, or a checkpoint they cannot take piecewise
+        raise OffloadUnsupported(f"{type(exc).__name__}: {exc}") from exc
     model.eval()
     _LOADERS[model] = loader
     return model

@@ -157,6 +157,8 @@ def load_model(
         if should_offload(offload, path, dtype):
             try:
                 model = load_layer_offloaded(path, load_config(path, trust_remote_code), dtype)
+                if experts_implementation is not None:
+                    model.set_experts_implementation(experts_implementation)
                 log.info("runtime.offload %s: decoder layers stay in %s and are loaded one at a time", offload, path)
                 return model
             except OffloadUnsupported as exc:
