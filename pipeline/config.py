@@ -48,6 +48,7 @@ class RuntimeParams(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     trust_remote_code: bool = False
     threads: NonNegInt = 0
+    offload: Literal["auto", "none", "layers"] = "auto"
 
     @field_validator("device")
     @classmethod
@@ -269,6 +270,8 @@ class BenchmarkParams(Section):
     )
     backend: Literal["hf", "vllm"] = "hf"
     device_map: str | None = None
+    vllm_args: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
+    experts_implementation: Literal["eager", "grouped_mm"] = "eager"
     speed: SpeedParams = SpeedParams()
 
 

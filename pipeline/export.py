@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_dir, dumps_json, read_json, sha256_bytes
 from pipeline.models.base import MoEAdapter
+from pipeline.offload import detach_layer_source, layer_source
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +258,9 @@ def prune_model(
     ``inputs(layer)`` returns that MoE layer's cached block inputs (``[..., d]``); when given, the
     pruned block's forward is checked against ``Z_hat(S)`` on them (on ``device``), and a relative
     error above ``tolerance`` (default: per dtype) is a :class:`PipelineError`. On any error the
-    model may be left partly pruned; discard it. Returns the per-layer checks.
+    model may be left partly pruned; discard it. Returns the per-layer checks. A model loaded with
+    its layers left in the checkpoint (``pipeline.offload``) has them read one at a time and kept,
+    pruned, so the whole original model is never in memory.
     """
     validate_for_model(selection, model, adapter, source_fingerprint)
     config = model.config
@@ -266,7 +269,13 @@ def prune_model(
     dtype = next(model.parameters()).dtype
     tol = TOLERANCE.get(dtype, 1e-2) if tolerance is None else tolerance
     checks: list[LayerCheck] = []
-    for i in tqdm(list(selection.kept), desc="export", unit="layer", disable=not progress, leave=False):
+    source = layer_source(model)
+    todo = list(range(len(layers))) if source is not None else list(selection.kept)
+    for i in tqdm(todo, desc="export", unit="layer", disable=not progress, leave=False):
+        if source is not None and i not in source.loaded:
+            source.load(i, "cpu")  # layers stream in from the checkpoint and stay, pruned: peak = pruned model + 1 layer
+        if i not in selection.kept:
+            continue
         layer = layers[i]
         block = adapter.moe_block(layer)
         kept = selection.kept[i]
@@ -293,6 +302,8 @@ def prune_model(
                 f"inputs (relative error {check.rel_error:.3g} > tolerance {tol:g}); the search scored a "
                 "different routing than the exported model runs"
             )
+    if source is not None:
+        detach_layer_source(model)  # every layer is in memory now: an ordinary model from here on
     adapter.adopt_pruned_config(model, pruned_config, selection.r)
     setattr(model.config, KEPT_KEY, {str(i): list(ids) for i, ids in selection.kept.items()})
     setattr(

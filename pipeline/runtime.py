@@ -83,3 +83,19 @@ def release_freed_memory() -> None:
             _TRIM = False
     if _TRIM:
         _TRIM(0)
+
+
+def cuda_peak_bytes(device: torch.device | str, reset: bool = True) -> int | None:
+    """Peak memory allocated by torch on CUDA ``device`` since the last reset (None off CUDA).
+
+    With ``reset`` the peak starts again from the memory in use now, so consecutive calls give the
+    peak of each stretch of work (e.g. each layer).
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    torch.cuda.synchronize(device)
+    peak = int(torch.cuda.max_memory_allocated(device))
+    if reset:
+        torch.cuda.reset_peak_memory_stats(device)
+    return peak

@@ -60,6 +60,11 @@ RULE = (
 )
 #: Experts implementation whose dispatch loop skips sentinel slots.
 EAGER = "eager"
+#: Experts implementations that do not compute sentinel slots: the eager loop (families with
+#: ``eager_handles_sentinel``) and transformers' ``grouped_mm`` (sorts sentinels to the tail and stops
+#: the grouped GEMM before them, while the router-transform handle sets the experts' expert-parallel
+#: flag). ``batched_mm`` computes them with weight 0, so it brings no saving.
+SKIPPING_IMPLEMENTATIONS = (EAGER, "grouped_mm")
 
 
 # -- the rule --------------------------------------------------------------------------------------
@@ -116,6 +121,8 @@ def skip_routing(
     k = weights.shape[-1]
     if k < 2 or beta <= 0:
         return weights, indices
+    if k == 2:
+        return _skip_top2(weights, indices, beta, sentinel)
     sorted_w, order, ratios = tail_head_ratios(weights)
     n_kept = _kept_from_ratios(ratios, k, beta)
     skips = n_kept < k
@@ -128,6 +135,40 @@ def skip_routing(
     new_w = torch.where(keep, new_w, torch.zeros_like(new_w))
     new_idx = torch.where(keep, indices, torch.full_like(indices, sentinel))
     return new_w, new_idx
+
+
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def _skip_top2(
+    weights: torch.Tensor, indices: torch.Tensor, beta: float, sentinel: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`skip_routing` for top-2 in about a dozen elementwise ops (no sort, no cumsum, no host sync).
+
+    The same float32 arithmetic as the general path, so decisions and weights are bit-identical:
+    the head is the larger weight ``hi`` (the first slot on ties, as the stable descending sort has
+    it: ``argmax`` returns the first maximum), the tail the smaller ``lo``; a token skips when
+    ``lo / hi < beta``, and its kept weight is rescaled by ``(hi + lo) / hi``.
+    """
+    w = weights.float()
+    lo, hi = torch.aminmax(w, dim=-1)
+    hi_c = hi.clamp_min(_TINY)
+    skip = (lo / hi_c < beta).unsqueeze(-1)
+    rescaled = (w * ((hi + lo) / hi_c).unsqueeze(-1)).to(weights.dtype)
+    drop = (_slots2(w.device) != w.argmax(-1, keepdim=True)) & skip
+    new_w = torch.where(skip, rescaled, weights).masked_fill_(drop, 0)
+    return new_w, indices.masked_fill(drop, sentinel)
+
+
+_SLOTS2: dict[torch.device, torch.Tensor] = {}
+
+
+def _slots2(device: torch.device) -> torch.Tensor:
+    """``[0, 1]`` on ``device``, made once (a per-call host-to-device copy would stall a GPU queue)."""
+    slots = _SLOTS2.get(device)
+    if slots is None:
+        slots = _SLOTS2[device] = torch.arange(2, device=device)
+    return slots
 
 
 # -- thresholds ------------------------------------------------------------------------------------
@@ -223,12 +264,19 @@ def calibrate_thresholds(
 
 # -- run time --------------------------------------------------------------------------------------
 @dataclass
-class _Counter:
+class _Totals:
     evals: int = 0
     tokens: int = 0
     slots: int = 0
     second_skipped: int = 0
     last_skipped: int = 0
+
+    def add(self, other: _Totals) -> None:
+        self.evals += other.evals
+        self.tokens += other.tokens
+        self.slots += other.slots
+        self.second_skipped += other.second_skipped
+        self.last_skipped += other.last_skipped
 
     def as_dict(self, top_k: int) -> dict[str, float]:
         return {
@@ -239,6 +287,44 @@ class _Counter:
             "second_expert_skipped_fraction": self.second_skipped / self.tokens if self.tokens and top_k >= 2 else 0.0,
             "last_expert_skipped_fraction": self.last_skipped / self.tokens if self.tokens else 0.0,
         }
+
+
+class _Counter:
+    """One MoE layer's dispatch counts: a histogram of experts computed per token, kept on the device.
+
+    Updating it is a few elementwise kernels with no host synchronisation (decoding keeps the GPU
+    queue full); :meth:`totals` reads it back.
+    """
+
+    def __init__(self) -> None:
+        self.tokens = 0
+        self.slots = 0
+        self._hist: dict[tuple[torch.device, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def add(self, idx: torch.Tensor, n: int, tokens: int) -> None:
+        k = idx.shape[-1]
+        key = (idx.device, k)
+        if key not in self._hist:
+            levels = torch.arange(k + 1, device=idx.device)
+            self._hist[key] = (levels, torch.zeros(k + 1, dtype=torch.long, device=idx.device))
+        levels, hist = self._hist[key]
+        per_token = ((idx >= 0) & (idx < n)).sum(-1).reshape(-1, 1)
+        hist += (per_token == levels).sum(0)
+        self.tokens += tokens
+        self.slots += idx.numel()
+
+    def totals(self) -> _Totals:
+        out = _Totals(tokens=self.tokens, slots=self.slots)
+        for (_, k), (_, hist) in self._hist.items():
+            counts = hist.tolist()
+            out.evals += sum(c * v for c, v in enumerate(counts))
+            out.second_skipped += sum(counts[:2])
+            out.last_skipped += sum(counts[:k])
+        return out
+
+    def reset(self) -> None:
+        self.tokens = self.slots = 0
+        self._hist.clear()
 
 
 def _routing_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -258,10 +344,20 @@ class SkipHandle:
     and ``last_expert_skipped_fraction`` (of tokens), and the same per layer under ``layers``.
     """
 
-    def __init__(self, model: nn.Module, adapter: MoEAdapter, thresholds: Mapping[int, float] | None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: MoEAdapter,
+        thresholds: Mapping[int, float] | None,
+        *,
+        count: bool = True,
+        experts_implementation: str | None = EAGER,
+    ) -> None:
         self.model = model
         self.adapter = adapter
         self.thresholds = dict(thresholds) if thresholds is not None else None
+        self.count = count
+        self.experts_implementation = experts_implementation
         self.top_k = adapter.top_k(model.config)
         self._counters: dict[int, _Counter] = {}
         self._handles: list[Any] = []
@@ -272,7 +368,7 @@ class SkipHandle:
     def _install(self) -> None:
         layers = self.adapter.decoder_layers(self.model)
         if self.thresholds is not None and any(b > 0 for b in self.thresholds.values()):
-            self._use_eager()  # all-zero thresholds skip nothing: the implementation can stay
+            self._use_skipping_implementation()  # all-zero thresholds skip nothing: the implementation can stay
         try:
             for i in self.adapter.moe_layer_indices(self.model):
                 block = self.adapter.moe_block(layers[i])
@@ -283,19 +379,31 @@ class SkipHandle:
                     self._handles.append(
                         self.adapter.add_router_transform(block, lambda w, idx, b=beta, s=n: skip_routing(w, idx, b, s))
                     )
-                experts = getattr(block, self.adapter.experts_attr)
-                self._handles.append(experts.register_forward_pre_hook(self._count_hook(i, n), with_kwargs=True))
+                if self.count:
+                    experts = getattr(block, self.adapter.experts_attr)
+                    self._handles.append(experts.register_forward_pre_hook(self._count_hook(i, n), with_kwargs=True))
         except BaseException:
             self.remove()
             raise
         self._active = True
 
-    def _use_eager(self) -> None:
-        """Switch every experts module to the eager loop (the only one that skips sentinel slots)."""
+    def _target_implementation(self, current: str | None) -> str:
+        if self.experts_implementation is not None:
+            return self.experts_implementation
+        return current if current in SKIPPING_IMPLEMENTATIONS else EAGER
+
+    def _use_skipping_implementation(self) -> None:
+        """Switch every experts module to an implementation that does not compute skipped slots.
+
+        ``experts_implementation`` names it (default: eager); None keeps the model's own when it is
+        one of :data:`SKIPPING_IMPLEMENTATIONS`, else eager.
+        """
         setter = getattr(self.model, "set_experts_implementation", None)
-        if callable(setter) and getattr(self.model.config, "_experts_implementation", EAGER) != EAGER:
+        current = getattr(self.model.config, "_experts_implementation", None)
+        target = self._target_implementation(current)
+        if callable(setter) and current is not None and current != target:
             previous = self.model.get_experts_implementation()
-            setter(EAGER)
+            setter(target)
             self._restore.append((self.model, previous))
         # Blocks built from another config object (e.g. replaced in memory) are switched one by one.
         layers = self.adapter.decoder_layers(self.model)
@@ -303,44 +411,36 @@ class SkipHandle:
             experts = getattr(self.adapter.moe_block(layers[i]), self.adapter.experts_attr)
             cfg = getattr(experts, "config", None)
             current = getattr(cfg, "_experts_implementation", None)
-            if cfg is not None and current not in (None, EAGER):
+            if cfg is not None and current is not None and current != self._target_implementation(current):
                 self._restore.append((cfg, current))
-                cfg._experts_implementation_internal = EAGER
+                cfg._experts_implementation_internal = self._target_implementation(current)
 
     def _count_hook(self, layer: int, n: int) -> Any:
         counter = self._counters[layer]
-        k = self.top_k
 
         def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             hidden, idx = _routing_args(args, kwargs)
-            valid = (idx >= 0) & (idx < n)
-            per_token = valid.sum(dim=-1)
-            counter.evals += int(per_token.sum())
-            counter.tokens += int(hidden.shape[0])
-            counter.slots += int(idx.numel())
-            counter.second_skipped += int((per_token < 2).sum()) if k >= 2 else 0
-            counter.last_skipped += int((per_token < idx.shape[-1]).sum())
+            counter.add(idx, n, int(hidden.shape[0]))
 
         return hook
 
     # -- public ----------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
-        """Counts since the last reset, over all MoE layers and per layer."""
-        total = _Counter()
-        for c in self._counters.values():
-            total.evals += c.evals
-            total.tokens += c.tokens
-            total.slots += c.slots
-            total.second_skipped += c.second_skipped
-            total.last_skipped += c.last_skipped
+        """Counts since the last reset, over all MoE layers and per layer (empty without counting)."""
+        total = _Totals()
+        layers = {}
+        for i, c in self._counters.items():
+            layer = c.totals()
+            total.add(layer)
+            layers[str(i)] = layer.as_dict(self.top_k)
         out: dict[str, Any] = total.as_dict(self.top_k)
-        out["layers"] = {str(i): c.as_dict(self.top_k) for i, c in self._counters.items()}
+        out["layers"] = layers
         return out
 
     def reset(self) -> None:
         """Zero the counters."""
         for c in self._counters.values():
-            c.evals = c.tokens = c.slots = c.second_skipped = c.last_skipped = 0
+            c.reset()
 
     def remove(self) -> None:
         """Uninstall every hook and restore the previous experts implementation."""
@@ -371,17 +471,24 @@ def enable(
     model: nn.Module,
     thresholds: Mapping[Any, float] | Sequence[float] | None = None,
     adapter: MoEAdapter | None = None,
+    *,
+    count: bool = True,
+    experts_implementation: str | None = EAGER,
 ) -> SkipHandle:
     """Make every MoE block send each token only to the experts it keeps under the skip rule.
 
     ``thresholds``: ``{layer: beta}`` or a list in MoE-layer order; None reads
     ``model.config.expert_skip_thresholds`` (a checkpoint from the skip_calibration stage). Works on
     any model loaded with plain transformers. Returns a handle (also a context manager) whose
-    ``stats()`` counts the expert evaluations actually dispatched; ``remove()`` undoes everything.
+    ``stats()`` counts the expert evaluations actually dispatched (``count=False``: no counting
+    hooks, for timed runs; ``stats()`` is then all zeros); ``remove()`` undoes everything.
+    ``experts_implementation``: the transformers experts implementation to run while skipping
+    (default ``eager``); None keeps the model's own if it does not compute skipped slots
+    (:data:`SKIPPING_IMPLEMENTATIONS`, e.g. ``grouped_mm`` on a GPU), else switches to eager.
     """
     adapter = adapter or get_adapter(model.config)
     values = resolve_thresholds(model, adapter, thresholds)
-    handle = SkipHandle(model, adapter, values)
+    handle = SkipHandle(model, adapter, values, count=count, experts_implementation=experts_implementation)
     handle._install()
     return handle
 
@@ -465,6 +572,7 @@ def write_skip_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[st
 __all__ = [
     "CONFIG_KEY",
     "RULE",
+    "SKIPPING_IMPLEMENTATIONS",
     "SkipHandle",
     "calibrate_thresholds",
     "calibration_statistic",

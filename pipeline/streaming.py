@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pipeline.models.base import MoEAdapter
+from pipeline.offload import layer_source
 from pipeline.runtime import release_freed_memory
 
 
@@ -92,6 +93,32 @@ def capture_inputs(
     return CapturedInputs(hidden=hidden, layer_kwargs=kwargs)
 
 
+@contextlib.contextmanager
+def layer_on_device(
+    model: nn.Module, layer_index: int, layer: nn.Module, device: torch.device, offload_device: torch.device | None = None
+) -> Iterator[nn.Module]:
+    """Decoder layer ``layer_index`` of ``model`` on ``device`` for the duration of the block.
+
+    A model loaded with layers offloaded to its checkpoint (``pipeline.offload``) has the layer's
+    weights read from disk onto ``device`` and dropped afterwards; any other model has the layer
+    moved to ``device`` and back to ``offload_device`` (default: where it was).
+    """
+    source = layer_source(model)
+    if source is not None:
+        source.load(layer_index, device)
+        try:
+            yield layer
+        finally:
+            source.release(layer_index)
+        return
+    home = offload_device or next(layer.parameters()).device
+    layer.to(device)
+    try:
+        yield layer
+    finally:
+        layer.to(home)
+
+
 @dataclass
 class LayerStep:
     """One decoder layer during streaming."""
@@ -154,7 +181,8 @@ def stream_layers(
     """Yield each decoder layer with its MoE block's input on the calibration tokens.
 
     The model's weights stay on ``offload_device`` (default: where they are) except for the
-    layer being processed, which is moved to ``device``. ``start_layer`` and ``start_hidden``
+    layer being processed, which is moved to ``device`` (or, for a model loaded with
+    ``pipeline.offload``, read from the checkpoint onto ``device`` and dropped after its step). ``start_layer`` and ``start_hidden``
     resume a stream from saved decoder-layer inputs.
     """
     layers = adapter.decoder_layers(model)
@@ -167,15 +195,13 @@ def stream_layers(
     bar = tqdm(range(start_layer, len(layers)), desc=desc, unit="layer", disable=not progress, leave=False)
     for i in bar:
         layer = layers[i]
-        home = offload_device or next(layer.parameters()).device
-        layer.to(device)
-        block = adapter.moe_block(layer)
-        outs, moe_in = _run_layer(layer, block, hidden, captured.layer_kwargs[i], capture=True)
-        step = LayerStep(index=i, layer=layer, block=block, hidden_in=hidden, moe_input=moe_in)
-        yield step
-        if step.modified:
-            outs, _ = _run_layer(layer, step.block, hidden, captured.layer_kwargs[i], capture=False)
-        layer.to(home)
+        with layer_on_device(model, i, layer, device, offload_device):
+            block = adapter.moe_block(layer)
+            outs, moe_in = _run_layer(layer, block, hidden, captured.layer_kwargs[i], capture=True)
+            step = LayerStep(index=i, layer=layer, block=block, hidden_in=hidden, moe_input=moe_in)
+            yield step
+            if step.modified:
+                outs, _ = _run_layer(layer, step.block, hidden, captured.layer_kwargs[i], capture=False)
         hidden = outs
         del step, moe_in  # free this layer's inputs before the next layer runs
         release_freed_memory()

@@ -14,7 +14,7 @@ from pipeline.calibration import load_calibration_set
 from pipeline.models import get_adapter
 from pipeline.errors import PipelineError
 from pipeline.models.loading import ModelManifest, checkpoint_fingerprint, load_model
-from pipeline.runtime import DTYPES, dtype_name, resolve_device, resolve_dtype
+from pipeline.runtime import DTYPES, cuda_peak_bytes, dtype_name, resolve_device, resolve_dtype
 from stages.common import StageContext, stage, stage_dir
 
 
@@ -30,7 +30,9 @@ def main(ctx: StageContext) -> None:
     compute_dtype = resolve_dtype(p.runtime.dtype, device)
     store_dtype = DTYPES[p.activations.dtype]
     ctx.run.log_params({"search.calibration": p.search.calibration})
-    model = load_model(manifest.path, dtype=compute_dtype, device="cpu", trust_remote_code=p.runtime.trust_remote_code)
+    model = load_model(
+        manifest.path, dtype=compute_dtype, device="cpu", trust_remote_code=p.runtime.trust_remote_code, offload=p.runtime.offload
+    )
     adapter = get_adapter(model.config)
     key = {
         "model": manifest.fingerprint,
@@ -41,6 +43,7 @@ def main(ctx: StageContext) -> None:
         "compute_dtype": dtype_name(compute_dtype),
     }
     work = ctx.work_dir(key)
+    cuda_peak_bytes(device)  # per-layer peaks from here on
     run = cache_activations(
         model,
         adapter,
@@ -50,7 +53,12 @@ def main(ctx: StageContext) -> None:
         batch_size=p.activations.batch_size,
         device=device,
         on_layer=lambda info: ctx.log_metrics(
-            {"layer.tokens_per_s": info.tokens_per_s, "layer.bytes_written": info.bytes_written}, step=info.layer
+            {
+                "layer.tokens_per_s": info.tokens_per_s,
+                "layer.bytes_written": info.bytes_written,
+                **({"layer.peak_cuda_bytes": peak} if (peak := cuda_peak_bytes(device)) is not None else {}),
+            },
+            step=info.layer,
         ),
     )
     commit_cache(

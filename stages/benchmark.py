@@ -57,6 +57,8 @@ def main(ctx: StageContext) -> None:
         device_map=p.device_map,
         trust_remote_code=rt.trust_remote_code,
         speed=SpeedSettings(**p.speed.model_dump()),
+        vllm_args=dict(p.vllm_args),
+        experts_implementation=p.experts_implementation,
     )
     results = run_benchmark(variants, settings, stage_dir("corpus") / "eval", ctx.out / "results")
     metrics = build_metrics(results)

@@ -39,7 +39,7 @@ def main(ctx: StageContext) -> None:
     dtype = DTYPES.get(dtype_name or "float32", DTYPES["float32"])
     trust = p.runtime.trust_remote_code
     adapter = get_adapter(load_config(checkpoint, trust))
-    model = load_model(checkpoint, dtype=dtype, device="cpu", trust_remote_code=trust)
+    model = load_model(checkpoint, dtype=dtype, device="cpu", trust_remote_code=trust, offload=p.runtime.offload)
     report = export_pruned(
         model,
         adapter,

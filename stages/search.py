@@ -14,7 +14,7 @@ from pipeline.errors import PipelineError
 from pipeline.io import load_tensors, remove_path, sha256_file, write_json
 from pipeline.models import get_adapter
 from pipeline.models.loading import ModelManifest, checkpoint_fingerprint, load_model
-from pipeline.runtime import dtype_name, resolve_device, resolve_dtype, seed_everything
+from pipeline.runtime import cuda_peak_bytes, dtype_name, resolve_device, resolve_dtype, seed_everything
 from pipeline.search import report
 from pipeline.search.run import LayerResult, SearchSettings, routing_usage, run_layerwise, run_progressive
 from pipeline.search.strategies import validate_r
@@ -45,7 +45,9 @@ def main(ctx: StageContext) -> None:
     device = resolve_device(runtime.device)
     dtype = resolve_dtype(runtime.dtype, device)
     seed_everything(p.seed)
-    model = load_model(manifest.path, dtype=dtype, device="cpu", trust_remote_code=runtime.trust_remote_code)
+    model = load_model(
+        manifest.path, dtype=dtype, device="cpu", trust_remote_code=runtime.trust_remote_code, offload=runtime.offload
+    )
     adapter = get_adapter(model.config)
     work = ctx.work_dir({
         "model": manifest.fingerprint,
@@ -63,11 +65,17 @@ def main(ctx: StageContext) -> None:
     usage = {n: usage_of(load_tensors(sets[n])["input_ids"]) for n in usage_sets} if settings.mode == "progressive" else {}
 
     resumed_layers: list[int] = []
+    peaks: list[int] = []
+    cuda_peak_bytes(device)
 
     def on_layer(result: LayerResult, resumed: bool) -> None:
         if resumed:
             resumed_layers.append(result.layer)
         row = {"layer.loss": result.loss, **{f"layer.loss_{k}": b["loss"] for k, b in result.baselines.items()}}
+        peak = cuda_peak_bytes(device)  # this layer's peak (GPU memory must not grow with the layer count)
+        if peak is not None and not resumed:
+            row["layer.peak_cuda_bytes"] = peak
+            peaks.append(peak)
         ctx.run.log_metrics(row, step=result.layer)  # a series over layers in the MLflow UI
 
     if settings.mode == "layerwise":
@@ -87,6 +95,8 @@ def main(ctx: StageContext) -> None:
     files += report.write_plots(ctx.out / "plots", results, dict(sorted(usage.items())), search_set=p.calibration,
                                 strategy=doc["strategy"], r=p.r, n=manifest.num_experts)
     metrics, flat = report.metrics(results, sum(r.seconds for r in results))
+    if peaks:
+        metrics["peak_cuda_bytes"] = flat["peak_cuda_bytes"] = max(peaks)
     write_json(ctx.out / "metrics.json", metrics)
     ctx.run.log_metrics(flat)
     ctx.run.set_tags({"search.strategy": doc["strategy"], "search.resumed_layers": len(resumed_layers)})

@@ -26,7 +26,10 @@ def calibrate(ctx: StageContext, path: Path, input_ids: torch.Tensor, label: str
     """Thresholds of the model at ``path`` and the skipping measured with them; logs both."""
     p = ctx.params
     device = resolve_device(p.runtime.device)
-    model = load_model(path, dtype=resolve_dtype(p.runtime.dtype, device), trust_remote_code=p.runtime.trust_remote_code)
+    model = load_model(
+        path, dtype=resolve_dtype(p.runtime.dtype, device), trust_remote_code=p.runtime.trust_remote_code,
+        offload=p.runtime.offload,
+    )
     adapter = get_adapter(model.config)
     thresholds = calibrate_thresholds(model, adapter, input_ids, p.skip.quantile, p.skip.batch_size, device)
     stats = measure_skipping(model, adapter, input_ids, thresholds, p.skip.batch_size, device)

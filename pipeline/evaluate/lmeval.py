@@ -127,6 +127,22 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+#: lm-eval ``VLLM`` arguments the pipeline sets itself (``benchmark.vllm_args`` may not override them).
+VLLM_RESERVED = ("pretrained", "dtype", "trust_remote_code")
+
+
+def vllm_model_args(
+    path: str | Path, *, dtype: str, trust_remote_code: bool = False, extra: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """``model_args`` for lm-eval's vllm backend: the checkpoint, dtype and ``benchmark.vllm_args``."""
+    clash = sorted(set(extra or {}) & set(VLLM_RESERVED))
+    if clash:
+        raise PipelineError(f"benchmark.vllm_args: {', '.join(clash)} are set by the pipeline (runtime.dtype, the variant's checkpoint)")
+    args: dict[str, Any] = {"pretrained": str(path), "dtype": dtype, "trust_remote_code": trust_remote_code}
+    args.update({k: v for k, v in (extra or {}).items() if v is not None})
+    return args
+
+
 def evaluate_checkpoint_vllm(
     path: str | Path,
     selection: TaskSelection,
@@ -136,14 +152,19 @@ def evaluate_checkpoint_vllm(
     limit: int | None = None,
     num_fewshot: Mapping[str, int] | None = None,
     trust_remote_code: bool = False,
+    model_args: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, Any], list[str]]:
-    """Run the selected tasks on a saved checkpoint through lm-eval's vllm backend."""
+    """Run the selected tasks on a saved checkpoint through lm-eval's vllm backend.
+
+    ``model_args`` (``benchmark.vllm_args``) are passed on to lm-eval's ``VLLM`` model, e.g.
+    ``tensor_parallel_size`` to spread a model larger than one GPU over several.
+    """
     if not vllm_available():
         raise PipelineError("benchmark.backend: vllm is not installed (pip install vllm) - use backend: hf")
     from lm_eval import simple_evaluate
 
     prepared = prepare_tasks(selection, num_fewshot)
-    args = {"pretrained": str(path), "dtype": dtype, "trust_remote_code": trust_remote_code}
+    args = vllm_model_args(path, dtype=dtype, trust_remote_code=trust_remote_code, extra=model_args)
     results = simple_evaluate(
         model="vllm",
         model_args=args,

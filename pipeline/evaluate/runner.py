@@ -32,7 +32,7 @@ from pipeline.io import write_json
 
 log = logging.getLogger(__name__)
 
-#: The experts implementation every variant runs (the one dynamic skipping patches).
+#: The default experts implementation every variant runs (one that does not compute skipped slots).
 EXPERTS_IMPLEMENTATION = "eager"
 
 
@@ -75,6 +75,8 @@ class BenchmarkSettings:
     device_map: str | None = None
     trust_remote_code: bool = False
     speed: SpeedSettings = SpeedSettings()
+    vllm_args: Mapping[str, Any] = field(default_factory=dict)
+    experts_implementation: str = EXPERTS_IMPLEMENTATION
 
 
 def _json_safe(obj: Any) -> Any:
@@ -126,7 +128,7 @@ class ModelLoader:
             device=s.device,
             trust_remote_code=s.trust_remote_code,
             device_map=s.device_map,
-            experts_implementation=EXPERTS_IMPLEMENTATION,
+            experts_implementation=s.experts_implementation,
         )
 
     def tokenizer(self, path: Path) -> Any:
@@ -165,7 +167,7 @@ def _skipping(model: Any, variant: Variant) -> Any:
         return None
     from pipeline.skipping import enable
 
-    return enable(model, dict(variant.thresholds or {}))
+    return enable(model, dict(variant.thresholds or {}), experts_implementation=None)
 
 
 def run_accuracy(
@@ -196,6 +198,7 @@ def run_accuracy(
                         limit=settings.limit,
                         num_fewshot=num_fewshot,
                         trust_remote_code=settings.trust_remote_code,
+                        model_args=settings.vllm_args,
                     )
                     write_json(results_dir / f"{v.name}.json", _json_safe(raw))
                     out[v.name] = VariantResult(name=v.name, tasks=task_metrics(raw, rows), weight_bytes=0)
@@ -303,7 +306,7 @@ def run_benchmark(
                     "decoding": "greedy",
                     "device": str(settings.device),
                     "dtype": str(settings.dtype).removeprefix("torch."),
-                    "experts_implementation": EXPERTS_IMPLEMENTATION,
+                    "experts_implementation": settings.experts_implementation,
                 },
                 "variants": {
                     name: {
@@ -429,8 +432,8 @@ def describe_settings(
         "pruning": f"{sel.get('strategy')} / {sel.get('mode')}, r={sel.get('r')}, calibration {sel.get('calibration')}",
         "skipping": f"quantile {th.get('quantile')}, calibration {th.get('calibration')}" if thresholds else "-",
         "device / dtype": f"{settings.device} / {str(settings.dtype).removeprefix('torch.')} "
-        f"(device_map {settings.device_map}), experts implementation {EXPERTS_IMPLEMENTATION}",
-        "lm-eval": f"backend {settings.backend}, tasks {list(settings.tasks)}, "
+        f"(device_map {settings.device_map}), experts implementation {settings.experts_implementation}",
+        "lm-eval": f"backend {settings.backend}{f' {dict(settings.vllm_args)}' if settings.backend == 'vllm' and settings.vllm_args else ''}, tasks {list(settings.tasks)}, "
         f"num_fewshot {dict(settings.num_fewshot)}, limit {settings.limit}, batch size {settings.batch_size}",
         "speed": f"greedy, batch size 1, {sp.prompts} prompts x {sp.new_tokens} new tokens, median of {sp.repeats} "
         f"interleaved repeats after {max(1, sp.warmup)} untimed",

@@ -107,13 +107,28 @@ def encode_prompts(tokenizer: Any, texts: Sequence[str], count: int, max_tokens:
     return out
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+def input_device(model: nn.Module) -> torch.device:
+    """Where a model's token ids must go: its input embeddings' device.
+
+    For a model dispatched with a ``device_map`` (accelerate hooks) this is the embeddings' execution
+    device, which holds even when their weights are offloaded (and then on the meta device).
+    """
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    hook = getattr(embeddings, "_hf_hook", None)
+    execution = getattr(hook, "execution_device", None)
+    if execution is not None:
+        return torch.device(f"cuda:{execution}" if isinstance(execution, int) else execution)
+    weight = getattr(embeddings, "weight", None)
+    if isinstance(weight, torch.Tensor) and not weight.is_meta:
+        return weight.device
+    return next(p.device for p in model.parameters() if not p.is_meta)
 
 
 def _sync(device: torch.device) -> None:
+    """Wait for queued GPU work (on every GPU: a device map may spread the model over several)."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        for i in range(torch.cuda.device_count()):
+            torch.cuda.synchronize(i)
 
 
 @torch.no_grad()
@@ -121,7 +136,7 @@ def _generate_all(model: nn.Module, prompts: Sequence[torch.Tensor], new_tokens:
     """Greedy-decode every prompt at batch size 1; (new tokens produced, seconds)."""
     from transformers import GenerationConfig
 
-    device = _device_of(model)
+    device = input_device(model)
     eos = model.generation_config.eos_token_id
     pad = model.generation_config.pad_token_id
     if pad is None:
@@ -146,14 +161,18 @@ def _generate_all(model: nn.Module, prompts: Sequence[torch.Tensor], new_tokens:
 
 
 @contextlib.contextmanager
-def _variant_active(case: SpeedCase) -> Iterator[Any]:
-    """Dynamic skipping enabled on the case's model for the block (a no-op for other variants)."""
+def _variant_active(case: SpeedCase, count: bool) -> Iterator[Any]:
+    """Dynamic skipping enabled on the case's model for the block (a no-op for other variants).
+
+    The model keeps its experts implementation when that one skips sentinel slots (eager,
+    grouped_mm); ``count`` installs the dispatch-counting hooks (off in timed rounds).
+    """
     if not case.skip:
         yield None
         return
     from pipeline.skipping import enable
 
-    handle = enable(case.model, case.thresholds)
+    handle = enable(case.model, case.thresholds, count=count, experts_implementation=None)
     try:
         yield handle
     finally:
@@ -171,7 +190,7 @@ def measure_speed(
 
     The first untimed round (there is always one, even with ``warmup=0``) counts expert
     evaluations: from the skipping handle's ``stats()`` for skip variants, from router hooks
-    otherwise; timed rounds run without any counting hook.
+    otherwise; timed rounds run without any counting hook (skip variants keep only the skip rule).
     """
     names = [c.name for c in cases]
     if len(set(names)) != len(names):
@@ -187,7 +206,7 @@ def measure_speed(
             shift = round_idx % len(cases)
             for case in list(cases[shift:]) + list(cases[:shift]):
                 counting = round_idx == 0
-                with _variant_active(case) as handle:
+                with _variant_active(case, counting) as handle:
                     counter = ExpertCounter(case.model) if counting and not case.skip else contextlib.nullcontext()
                     if handle is not None and counting:
                         handle.reset()

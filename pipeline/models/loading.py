@@ -131,20 +131,43 @@ def load_model(
     trust_remote_code: bool = False,
     device_map: str | dict[str, Any] | None = None,
     experts_implementation: str | None = None,
+    offload: str = "none",
+    offload_folder: str | os.PathLike[str] | None = None,
 ) -> Any:
     """Load a causal LM from a local checkpoint directory, in eval mode.
 
     ``device_map`` (for example ``"auto"``) spreads a model larger than one device over GPUs and
-    CPU with accelerate; otherwise the whole model goes to ``device``.
+    CPU with accelerate (``offload_folder`` holds weights a map sends to ``"disk"``); otherwise the
+    whole model goes to ``device``. ``offload`` (``runtime.offload``): ``layers`` leaves the decoder
+    layers in the checkpoint, to be read one at a time by the layer stream (``pipeline.offload``;
+    everything else is loaded on the CPU), ``auto`` does so when the weights would not fit
+    comfortably in RAM, ``none`` loads everything. A checkpoint that cannot be read layer by layer
+    is loaded whole, with a log line saying why.
     """
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise PipelineError(f"model checkpoint {path} does not exist or has no config.json")
+    if offload not in ("none", "layers", "auto"):
+        raise PipelineError(f"runtime.offload: unknown mode {offload!r} (allowed: none, layers, auto)")
+    if device_map is None and offload != "none":
+        from pipeline.offload import OffloadUnsupported, load_layer_offloaded, should_offload
+
+        if should_offload(offload, path, dtype):
+            try:
+                model = load_layer_offloaded(path, load_config(path, trust_remote_code), dtype)
+                if experts_implementation is not None:
+                    model.set_experts_implementation(experts_implementation)
+                log.info("runtime.offload %s: decoder layers stay in %s and are loaded one at a time", offload, path)
+                return model
+            except OffloadUnsupported as exc:
+                log.warning("runtime.offload %s: loading the whole model instead (%s)", offload, exc)
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if device_map is not None:
         kwargs["device_map"] = device_map
+        if offload_folder is not None:
+            kwargs["offload_folder"] = str(offload_folder)
     if experts_implementation is not None:
         kwargs["experts_implementation"] = experts_implementation
     try:

@@ -39,7 +39,7 @@ from pipeline.search.strategies import (
     resolve,
     validate_r,
 )
-from pipeline.streaming import stream_layers
+from pipeline.streaming import layer_on_device, stream_layers
 
 log = logging.getLogger(__name__)
 
@@ -366,24 +366,23 @@ def run_layerwise(
             if on_layer:
                 on_layer(saved, True)
             continue
-        block = adapter.moe_block(decoder[i])
-        if block is None:
+        if adapter.moe_block(decoder[i]) is None:
             raise PipelineError(f"layer {i} of the model has no MoE block, but the activation cache lists it")
-        home = next(block.parameters()).device
-        block.to(device)
         x = load(i)
         if x.dim() != 3:
             raise PipelineError(f"activations of layer {i} have shape {tuple(x.shape)}, expected [samples, seq_len, hidden]")
-        if not announced:
-            strategy, planned, seconds = estimate_seconds(
-                adapter, block, config, x, settings, seq_len=x.shape[1], num_layers=len(layers) - len(results), device=device
+        with layer_on_device(model, i, decoder[i], torch.device(device)) as layer:
+            block = adapter.moe_block(layer)
+            if not announced:
+                strategy, planned, seconds = estimate_seconds(
+                    adapter, block, config, x, settings, seq_len=x.shape[1], num_layers=len(layers) - len(results), device=device
+                )
+                _announce(strategy, planned, len(layers), seconds, settings, adapter.block_num_experts(block), device)
+                announced = True
+            result = search_layer(
+                adapter, block, config, x, i, settings, seq_len=x.shape[1], device=device, spill_dir=_spill(work_dir)
             )
-            _announce(strategy, planned, len(layers), seconds, settings, adapter.block_num_experts(block), device)
-            announced = True
-        result = search_layer(
-            adapter, block, config, x, i, settings, seq_len=x.shape[1], device=device, spill_dir=_spill(work_dir)
-        )
-        block.to(home)
+        del x
         if work_dir is not None:
             save_layer(work_dir, result)
         results.append(result)
