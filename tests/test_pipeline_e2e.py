@@ -124,8 +124,9 @@ def test_skip_quantile_change_reruns_only_skip_and_benchmark(project):
         out = run(project, "dvc", "repro").stdout
         assert _ran(out) == ["skip_calibration", "benchmark"], out
     finally:
-        # back to the committed params and outputs (restored from the DVC cache)
-        run(project, "git", "checkout", "--", "params.yaml", "dvc.lock")
+        # back to the committed params, dvc.lock and git-tracked outputs (run.json, metrics.json), then
+        # DVC-cached outputs from the cache. From HEAD, not the index: core.autostage staged dvc.lock.
+        run(project, "git", "reset", "-q", "--hard", "HEAD")
         run(project, "dvc", "checkout", "--force")
     assert "up to date" in run(project, "dvc", "status").stdout
 
