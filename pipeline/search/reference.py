@@ -38,14 +38,17 @@ def reference_losses(
     *,
     tokens_per_batch: int,
     layer_idx: int = 0,
+    full: Sequence[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``loss(S)`` for each kept set ``S``, by pruning the block and running its forward per batch.
 
-    ``x`` is ``[N, L, d]`` or ``[T, d]`` in sequence order. Returns ``[C]`` float64.
+    ``x`` is ``[N, L, d]`` or ``[T, d]`` in sequence order; ``full`` is the unpruned block's
+    :func:`batch_outputs` on it, where the caller already has them. Returns ``[C]`` float64.
     """
     rows = [sorted(int(e) for e in row) for row in (candidates.tolist() if isinstance(candidates, torch.Tensor) else candidates)]
     flat = x.reshape(-1, x.shape[-1])
-    full = batch_outputs(adapter, block, flat, tokens_per_batch)
+    if full is None:
+        full = batch_outputs(adapter, block, flat, tokens_per_batch)
     n = adapter.block_num_experts(block)
     out = torch.empty(len(rows), dtype=torch.float64)
     pruned_configs: dict[int, Any] = {}
