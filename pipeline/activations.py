@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import PipelineError
-from pipeline.io import load_tensors, read_json, remove_path, sha256_file, tmp_sibling, write_json
+from pipeline.io import load_tensors, read_json, remove_path, sha256_file, tmp_sibling, write_error, write_json
 from pipeline.models.base import MoEAdapter
 from pipeline.runtime import dtype_name
 from pipeline.streaming import LayerStep, stream_layers
@@ -120,7 +120,7 @@ def write_chunked_safetensors(
         os.replace(tmp, path)
     except OSError as exc:
         remove_path(tmp)
-        raise PipelineError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        raise write_error(path, exc) from exc
     except BaseException:
         remove_path(tmp)
         raise
@@ -410,6 +410,20 @@ class ActivationCache:
             )
         self.manifest: dict[str, Any] = manifest
         self._manifest_path = manifest_path
+        self.check_files()
+
+    def check_files(self) -> None:
+        """Every shard the manifest lists exists with its recorded size (a stat, no read)."""
+        for i, entry in sorted(self.manifest["files"].items(), key=lambda kv: int(kv[0])):
+            path = self.path / entry["file"]
+            if not path.is_file():
+                raise PipelineError(f"activation shard {path} is missing; rerun the activations stage (dvc repro activations)")
+            size = path.stat().st_size
+            if "bytes" in entry and size != int(entry["bytes"]):
+                raise PipelineError(
+                    f"activation shard {path} is corrupt or truncated ({size} bytes, {MANIFEST} records "
+                    f"{entry['bytes']}); rerun the activations stage (dvc repro activations)"
+                )
 
     @property
     def layers(self) -> list[int]:

@@ -234,6 +234,8 @@ def open_local_source(spec: LocalSource, key: str, cache_dir: str | None = None)
     if not path.is_file():
         raise PipelineError(f"{key}.path: {path} does not exist")
     fmt = local_format(spec, key)
+    if path.stat().st_size == 0:
+        raise PipelineError(f"{key}.path: {path} is empty (no documents to calibrate on)")
     builder = {"jsonl": "json", "json": "json", "parquet": "parquet", "txt": "text"}[fmt]
     kwargs: dict[str, Any] = {"data_files": str(path.resolve()), "split": "train"}
     if fmt == "txt":

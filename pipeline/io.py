@@ -36,10 +36,29 @@ def _check_writable(path: Path) -> None:
         raise PipelineError(f"output directory {parent} is not writable")
 
 
-def _write_error(path: Path, exc: OSError) -> PipelineError:
-    if exc.errno == errno.ENOSPC:
-        return PipelineError(f"no space left on device while writing {path}")
-    return PipelineError(f"cannot write {path}: {exc.strerror or exc}")
+#: Write failures that mean the disk, the user's quota or the process's file-size limit is full.
+_FULL = {
+    errno.ENOSPC: ("No space left on device", "no space left on device"),
+    errno.EDQUOT: ("Disk quota exceeded", "disk quota exceeded"),
+    errno.EFBIG: ("File too large", "file size limit reached"),
+}
+
+
+def _is_write_failure(exc: BaseException) -> bool:
+    """An OS error, or safetensors' report of one (it wraps the OS error in its own type)."""
+    return isinstance(exc, OSError) or (isinstance(exc, SafetensorError) and "I/O error" in str(exc))
+
+
+def write_error(path: Path, exc: OSError | SafetensorError) -> PipelineError:
+    """A one-line error for a failed write of the output ``path``, naming the file where known."""
+    code = getattr(exc, "errno", None)
+    if code is None:  # safetensors reports the OS error in its message only
+        code = next((c for c, (text, _) in _FULL.items() if text in str(exc)), None)
+    filename = getattr(exc, "filename", None)
+    where = f" ({filename})" if filename and str(filename) != str(path) else ""
+    if code in _FULL:
+        return PipelineError(f"{_FULL[code][1]} while writing {path}{where}")
+    return PipelineError(f"cannot write {path}{where}: {getattr(exc, 'strerror', None) or exc}")
 
 
 def tmp_sibling(path: Path) -> Path:
@@ -75,7 +94,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
         os.replace(tmp, path)
     except OSError as exc:
         remove_path(tmp)
-        raise _write_error(path, exc) from exc
+        raise write_error(path, exc) from exc
     return path
 
 
@@ -115,11 +134,10 @@ def save_tensors(
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=dict(metadata or {}))
         os.replace(tmp, path)
-    except OSError as exc:
+    except BaseException as exc:
         remove_path(tmp)
-        raise _write_error(path, exc) from exc
-    except BaseException:
-        remove_path(tmp)
+        if _is_write_failure(exc):
+            raise write_error(path, exc) from exc
         raise
     return path
 
@@ -149,7 +167,7 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         tmp.mkdir()
     except OSError as exc:
-        raise _write_error(path, exc) from exc
+        raise write_error(path, exc) from exc
     try:
         yield tmp
         old = None
@@ -159,11 +177,10 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
         os.replace(tmp, path)
         if old is not None:
             remove_path(old)
-    except OSError as exc:
+    except BaseException as exc:
         remove_path(tmp)
-        raise _write_error(path, exc) from exc
-    except BaseException:
-        remove_path(tmp)
+        if _is_write_failure(exc):
+            raise write_error(path, exc) from exc
         raise
 
 
@@ -187,8 +204,16 @@ def fingerprint(obj: Any) -> str:
 
 
 def scratch_dir(root: str | os.PathLike[str], key: Any) -> Path:
-    """A resumable work directory under ``root`` named by the hash of ``key`` (the run's inputs)."""
+    """A resumable work directory under ``root`` named by the hash of ``key`` (the run's inputs).
+
+    The work directories of other keys under ``root`` are removed: they hold what unfinished runs
+    with other inputs left (for example before a bad input was fixed), which this run cannot use.
+    """
     path = Path(root) / fingerprint(key)
+    if path.parent.is_dir():
+        for other in path.parent.iterdir():
+            if other != path:
+                remove_path(other)
     path.mkdir(parents=True, exist_ok=True)
     return path
 

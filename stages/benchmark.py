@@ -44,7 +44,9 @@ def main(ctx: StageContext) -> None:
         log.warning("benchmark.backend vllm cannot run dynamic expert skipping: skip variants are left out")
         names = [n for n in names if not n.endswith("_skip")]
     thresholds = read_json(thresholds_file, what="skip thresholds") if any(n.endswith("_skip") for n in names) else None
-    variants = build_variants(names, manifest.path, stage_dir("export") / "model", thresholds, str(thresholds_file))
+    variants = build_variants(
+        names, manifest.path, stage_dir("export") / "model", thresholds, str(thresholds_file), manifest.moe_layers
+    )
     device = resolve_device(rt.device)
     settings = BenchmarkSettings(
         tasks=p.tasks,

@@ -191,9 +191,9 @@ def test_reader_rejects_non_finite_values(model: Any, input_ids: torch.Tensor, t
     x = load_file(str(path))["x"]
     x[1, 3, 0] = float("nan")
     path.unlink()
-    sha, _ = write_chunked_safetensors(path, {"x": [x]})
+    sha, size = write_chunked_safetensors(path, {"x": [x]})
     manifest = json.loads((out / "manifest.json").read_text())
-    manifest["files"]["2"]["sha256"] = sha
+    manifest["files"]["2"].update(sha256=sha, bytes=size)  # only the values are wrong
     (out / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(PipelineError, match=r"layer_002.safetensors contains NaN or inf values \(layer 2\)"):
         ActivationCache(out).load(2)

@@ -363,11 +363,13 @@ def build_variants(
     pruned: Path | None,
     thresholds: Mapping[str, Any] | None,
     thresholds_file: str = "outputs/skip/thresholds.json",
+    moe_layers: Sequence[int] | None = None,
 ) -> list[Variant]:
     """Variants by name (``original``, ``original_skip``, ``pruned``, ``pruned_skip``).
 
     ``thresholds`` is the skip stage's thresholds document (``{"original": {layer: beta},
-    "pruned": {...}}``); skip variants take their model's entry.
+    "pruned": {...}}``); skip variants take their model's entry, which must cover exactly
+    ``moe_layers`` (the model's MoE layers, when given).
     """
     out = []
     for name in names:
@@ -384,6 +386,12 @@ def build_variants(
             if not isinstance(table, Mapping) or not table:
                 raise PipelineError(
                     f"{thresholds_file}: no {key!r} thresholds for variant {name} (run: dvc repro skip_calibration)"
+                )
+            covered = sorted(int(k) for k in table if str(k).lstrip("-").isdigit())
+            if moe_layers is not None and (covered != sorted(moe_layers) or len(covered) != len(table)):
+                raise PipelineError(
+                    f"{thresholds_file}: the {key!r} thresholds cover layers {', '.join(sorted(map(str, table)))}; the "
+                    f"model's MoE layers are {', '.join(map(str, sorted(moe_layers)))} (run: dvc repro skip_calibration)"
                 )
         out.append(Variant(name=name, checkpoint=Path(path), thresholds=table, pruned=is_pruned))
     return out
