@@ -414,16 +414,24 @@ class ActivationCache:
 
     def check_files(self) -> None:
         """Every shard the manifest lists exists with its recorded size (a stat, no read)."""
-        for i, entry in sorted(self.manifest["files"].items(), key=lambda kv: int(kv[0])):
-            path = self.path / entry["file"]
-            if not path.is_file():
-                raise PipelineError(f"activation shard {path} is missing; rerun the activations stage (dvc repro activations)")
-            size = path.stat().st_size
-            if "bytes" in entry and size != int(entry["bytes"]):
-                raise PipelineError(
-                    f"activation shard {path} is corrupt or truncated ({size} bytes, {MANIFEST} records "
-                    f"{entry['bytes']}); rerun the activations stage (dvc repro activations)"
-                )
+        for i in sorted(self.manifest["files"], key=int):
+            self._shard(int(i))
+
+    def _shard(self, i: int) -> tuple[Path, dict[str, Any]]:
+        """Path and manifest entry of layer ``i``'s shard, which exists with its recorded size."""
+        entry = self.manifest["files"].get(str(i))
+        if entry is None:
+            raise PipelineError(f"{self._manifest_path}: layer {i} is not in the activation cache (MoE layers: {self.layers})")
+        path = self.path / entry["file"]
+        if not path.is_file():
+            raise PipelineError(f"activation shard {path} is missing; rerun the activations stage (dvc repro activations)")
+        size = path.stat().st_size
+        if "bytes" in entry and size != int(entry["bytes"]):
+            raise PipelineError(
+                f"activation shard {path} is corrupt or truncated ({size} bytes, {MANIFEST} records "
+                f"{entry['bytes']}); rerun the activations stage (dvc repro activations)"
+            )
+        return path, entry
 
     @property
     def layers(self) -> list[int]:
@@ -437,12 +445,7 @@ class ActivationCache:
 
     def load(self, i: int) -> torch.Tensor:
         """The MoE input of layer ``i``: ``[num_samples, seq_len, hidden_size]``, hash- and value-checked."""
-        entry = self.manifest["files"].get(str(i))
-        if entry is None:
-            raise PipelineError(f"{self._manifest_path}: layer {i} is not in the activation cache (MoE layers: {self.layers})")
-        path = self.path / entry["file"]
-        if not path.is_file():
-            raise PipelineError(f"activation shard {path} is missing; rerun the activations stage (dvc repro activations)")
+        path, entry = self._shard(i)
         if sha256_file(path) != entry["sha256"]:
             raise PipelineError(
                 f"activation shard {path} is corrupt or truncated (sha256 differs from {MANIFEST}); rerun the activations stage"
