@@ -616,3 +616,19 @@ def tiny_tokenizer(vocab_size: int = 320) -> Any:
     text = ["def f(x):\n    return x + 1\n", "The quick brown fox jumps over the lazy dog.", "12 + 35 = 47"] * 20
     tok.train_from_iterator(text, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+def dense_checkpoint(path: Path) -> Path:
+    """A tiny dense (non-MoE) Mistral checkpoint saved at ``path``."""
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    cfg = MistralConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    return path

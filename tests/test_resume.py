@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from pipeline.io import sha256_file
 from tests.project import TINY, env, make_project, merge, run
 
 pytestmark = pytest.mark.slow
@@ -36,10 +37,6 @@ SLOW_ENOUGH = merge(TINY, {
     "search": {"r": 4, "token_chunk": 512},
 })
 WORK = Path("outputs/.work")
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def repro_killed_when(project: Path, ready: Callable[[Path], bool], timeout: float = 600) -> str:
@@ -77,7 +74,7 @@ def search_layers_done(project: Path) -> bool:
 def outputs_of(project: Path) -> dict[str, object]:
     """What must not depend on crashes: cached activations, the selection, the exported tensors."""
     manifest = json.loads((project / "outputs/activations/manifest.json").read_text())
-    shards = {f: sha256(project / "outputs/activations" / entry["file"]) for f, entry in manifest["files"].items()}
+    shards = {f: sha256_file(project / "outputs/activations" / entry["file"]) for f, entry in manifest["files"].items()}
     assert shards == {f: entry["sha256"] for f, entry in manifest["files"].items()}
     model = project / "outputs/export/model"
     tensors = {}

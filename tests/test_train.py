@@ -33,7 +33,7 @@ from pipeline.train import (
     train_embedded,
     train_model,
 )
-from tests.factory import save_tiny_checkpoint
+from tests.factory import dense_checkpoint, save_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 DOMAINS = ("prose", "code", "arith")
@@ -225,28 +225,13 @@ def test_local_checkpoint_gives_a_manifest(tmp_path):
     assert str(path.resolve()) in readme and manifest.fingerprint in readme
 
 
-def _dense_checkpoint(path: Path) -> Path:
-    from transformers import AutoModelForCausalLM, MistralConfig
-
-    cfg = MistralConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-    )
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
-    return path
-
-
 @pytest.mark.parametrize(
     ("make", "message"),
     [
         (lambda tmp: str(tmp / "missing-model"), "model.source: model path .* does not exist"),
         (lambda tmp: str((tmp / "empty").mkdir() or tmp / "empty"), "has no config.json"),
         (lambda tmp: "no-such-org-zz9/no-such-moe", "neither a local directory nor in the Hugging Face cache"),
-        (lambda tmp: str(_dense_checkpoint(tmp / "dense")), "not a supported Mixture-of-Experts"),
+        (lambda tmp: str(dense_checkpoint(tmp / "dense")), "not a supported Mixture-of-Experts"),
     ],
     ids=["missing-path", "not-a-checkpoint", "hub-id-not-cached", "dense-model"],
 )
