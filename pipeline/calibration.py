@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.config import CalibrationParams, CalibrationSet, CorpusSource, HubSource, LocalSource
+from pipeline.config import CalibrationSet, CorpusSource, HubSource, LocalSource
 from pipeline.errors import PipelineError
 from pipeline.io import load_tensors, read_json, save_tensors, sha256_bytes, write_json
 
@@ -481,32 +481,16 @@ def build_set(
     return input_ids, manifest
 
 
-def build_calibration_sets(
-    params: CalibrationParams,
-    tokenizer: Any,
-    out_dir: str | os.PathLike[str],
-    *,
-    corpus_dir: str | os.PathLike[str],
-    max_positions: int | None = None,
-    model_fingerprint: str | None = None,
-    cache_dir: str | None = None,
-) -> dict[str, dict[str, Any]]:
-    """Build every set of ``calibration.sets``; all are built before any file is written."""
-    for name, spec in params.sets.items():  # fail before any tokenising
-        check_seq_len(name, spec, max_positions)
-    built: dict[str, tuple[torch.Tensor, dict[str, Any]]] = {}
-    for name, spec in params.sets.items():
-        ids, manifest = build_set(
-            name, spec, tokenizer, seed=params.seed, corpus_dir=corpus_dir, max_positions=max_positions, cache_dir=cache_dir
-        )
-        manifest["model_fingerprint"] = model_fingerprint
-        built[name] = (ids, manifest)
-        log.info("calibration set %s: %d x %d tokens from %d sources", name, *ids.shape, len(manifest["sources"]))
+#: File names inside one calibration set's folder.
+TOKENS_FILE, MANIFEST_FILE = "input_ids.safetensors", "manifest.json"
+
+
+def write_calibration_set(out_dir: str | os.PathLike[str], input_ids: torch.Tensor, manifest: dict[str, Any]) -> None:
+    """Write one set's tokens and manifest into ``out_dir`` (read back by :func:`load_calibration_set`)."""
     out = Path(out_dir)
-    for name, (ids, manifest) in built.items():
-        save_tensors(out / f"{name}.safetensors", {"input_ids": ids})
-        write_json(out / f"{name}.json", manifest)
-    return {name: manifest for name, (_, manifest) in built.items()}
+    save_tensors(out / TOKENS_FILE, {"input_ids": input_ids})
+    write_json(out / MANIFEST_FILE, manifest)
+    log.info("calibration set %s: %d x %d tokens from %d sources", manifest["name"], *input_ids.shape, len(manifest["sources"]))
 
 
 @dataclass(frozen=True)
@@ -523,25 +507,22 @@ class CalibrationData:
         return str(self.manifest["fingerprint"])
 
 
-def load_calibration_set(
-    directory: str | os.PathLike[str], name: str, key: str = "search.calibration"
-) -> CalibrationData:
-    """Read set ``name`` from the calibration stage's output directory, checking it against its manifest."""
+def load_calibration_set(directory: str | os.PathLike[str], name: str, key: str = "search.calibration") -> CalibrationData:
+    """Read set ``name`` from its folder (the calibration stage's output for that set), checked against its manifest."""
     root = Path(directory)
-    tensors_path, manifest_path = root / f"{name}.safetensors", root / f"{name}.json"
+    tensors_path, manifest_path = root / TOKENS_FILE, root / MANIFEST_FILE
     if not manifest_path.is_file() or not tensors_path.is_file():
-        built = sorted(p.stem for p in root.glob("*.safetensors")) if root.is_dir() else []
         raise PipelineError(
-            f"{key}: calibration set {name!r} is not in {root} (built: {', '.join(built) or 'none'}); "
-            f"add it to calibration.sets and rerun the calibration stage"
+            f"{key}: calibration set {name!r} is not built ({tensors_path} is missing); "
+            f"check calibration.sets.{name} and run dvc repro calibration@{name}"
         )
     manifest = read_json(manifest_path, what="calibration manifest")
     tensors = load_tensors(tensors_path, what="calibration set")
     ids = tensors.get("input_ids")
     if ids is None or ids.dtype != torch.int64 or ids.dim() != 2:
-        raise PipelineError(f"{tensors_path}: expected an int64 [num_samples, seq_len] tensor 'input_ids'; rerun the calibration stage")
+        raise PipelineError(f"{tensors_path}: expected an int64 [num_samples, seq_len] tensor 'input_ids'; rerun dvc repro calibration@{name}")
     if input_ids_fingerprint(ids) != manifest.get("fingerprint"):
-        raise PipelineError(f"{tensors_path}: content does not match {manifest_path}; rerun the calibration stage")
+        raise PipelineError(f"{tensors_path}: content does not match {manifest_path}; rerun dvc repro calibration@{name}")
     return CalibrationData(name=name, input_ids=ids, manifest=manifest)
 
 
@@ -549,7 +530,6 @@ __all__ = [
     "CalibrationData",
     "TextSource",
     "allocate",
-    "build_calibration_sets",
     "build_set",
     "input_ids_fingerprint",
     "load_calibration_set",
@@ -557,4 +537,5 @@ __all__ = [
     "pack_blocks",
     "tokenizer_fingerprint",
     "window_blocks",
+    "write_calibration_set",
 ]

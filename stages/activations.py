@@ -15,21 +15,20 @@ from pipeline.models import get_adapter
 from pipeline.errors import PipelineError
 from pipeline.models.loading import ModelManifest, checkpoint_fingerprint, load_model
 from pipeline.runtime import DTYPES, cuda_peak_bytes, dtype_name, resolve_device, resolve_dtype
-from stages.common import StageContext, stage, stage_dir
+from stages.common import StageContext, calibration_dir, stage, stage_dir
 
 
-@stage("activations", sections=("activations", "runtime"), upstream=("model", "calibration"))
+@stage("activations")
 def main(ctx: StageContext) -> None:
     """Stream the model layer by layer and write the MoE inputs."""
     p = ctx.params
     manifest = ModelManifest.load(stage_dir("model") / "manifest.json")
     if checkpoint_fingerprint(manifest.path) != manifest.fingerprint:
         raise PipelineError(f"{manifest.path}: checkpoint changed since the model stage ran; rerun it (dvc repro model)")
-    calib = load_calibration_set(stage_dir("calibration"), p.search.calibration, key="search.calibration")
+    calib = load_calibration_set(calibration_dir(p.search.calibration), p.search.calibration, key="search.calibration")
     device = resolve_device(p.runtime.device)
     compute_dtype = resolve_dtype(p.runtime.dtype, device)
     store_dtype = DTYPES[p.activations.dtype]
-    ctx.run.log_params({"search.calibration": p.search.calibration})
     model = load_model(
         manifest.path, dtype=compute_dtype, device="cpu", trust_remote_code=p.runtime.trust_remote_code, offload=p.runtime.offload
     )

@@ -25,9 +25,7 @@ from stages.common import StageContext, stage, stage_dir  # noqa: E402
 log = logging.getLogger("stages.benchmark")
 
 
-@stage(
-    "benchmark", sections=("benchmark", "runtime"), upstream=("corpus", "model", "search", "export", "skip_calibration")
-)
+@stage("benchmark")
 def main(ctx: StageContext) -> None:
     p, rt = ctx.params.benchmark, ctx.params.runtime
     logging.getLogger("lm_eval.models.huggingface").setLevel(logging.ERROR)  # expected notes on in-memory models

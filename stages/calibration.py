@@ -1,34 +1,39 @@
-"""DVC stage `calibration`: build every named calibration set of `calibration.sets`.
+"""DVC stage `calibration@<set>`: build one named calibration set of `calibration.sets`.
 
-Writes `outputs/calibration/<set>.safetensors` (`input_ids` int64 `[num_samples, seq_len]`) and
-`<set>.json` (sources, dataset fingerprints, token count, seed) per set, tokenised with the model's
-tokenizer.
+Writes `outputs/calibration/<set>/input_ids.safetensors` (`input_ids` int64 `[num_samples, seq_len]`)
+and `manifest.json` (sources, dataset fingerprints, token count, seed), tokenised with the model's
+tokenizer. One stage per set, so a change to one set reruns only that set's consumers.
 """
 
 from __future__ import annotations
 
-from pipeline.calibration import build_calibration_sets
+from pipeline.calibration import build_set, write_calibration_set
+from pipeline.errors import PipelineError
 from pipeline.models.loading import ModelManifest, load_tokenizer
 from stages.common import StageContext, stage, stage_dir
 
 
-@stage("calibration", sections=("calibration",), upstream=("corpus", "model"))
+@stage("calibration")
 def main(ctx: StageContext) -> None:
-    """Tokenise and pack the calibration sets."""
+    """Tokenise and pack the set named by the stage's item."""
+    if ctx.item is None:
+        raise PipelineError("usage: python -m stages.calibration <set> (dvc repro runs calibration@<set>)")
+    p = ctx.params
     manifest = ModelManifest.load(stage_dir("model") / "manifest.json")
-    tokenizer = load_tokenizer(manifest.path, trust_remote_code=ctx.params.runtime.trust_remote_code)
-    sets = build_calibration_sets(
-        ctx.params.calibration,
+    tokenizer = load_tokenizer(manifest.path, trust_remote_code=p.runtime.trust_remote_code)
+    input_ids, info = build_set(
+        ctx.item,
+        p.calibration.sets[ctx.item],
         tokenizer,
-        ctx.out,
+        seed=p.calibration.seed,
         corpus_dir=stage_dir("corpus") / "data",
         max_positions=manifest.max_position_embeddings,
-        model_fingerprint=manifest.fingerprint,
     )
-    for name, info in sets.items():
-        ctx.log_metrics({f"{name}.num_tokens": info["num_tokens"], f"{name}.documents": sum(s["documents"] for s in info["sources"])})
-        ctx.run.log_artifact(ctx.out / f"{name}.json", artifact_path="calibration")
-    ctx.run.set_tags({f"calibration.{name}.fingerprint": info["fingerprint"] for name, info in sets.items()})
+    info["model_fingerprint"] = manifest.fingerprint
+    write_calibration_set(ctx.out, input_ids, info)
+    ctx.log_metrics({"num_tokens": info["num_tokens"], "documents": sum(s["documents"] for s in info["sources"])})
+    ctx.run.log_artifact(ctx.out / "manifest.json")
+    ctx.run.set_tags({"calibration.fingerprint": info["fingerprint"]})
 
 
 if __name__ == "__main__":

@@ -1,10 +1,14 @@
 """What every DVC stage script shares: params, the MLflow run with lineage tags, atomic outputs.
 
-A stage script is ``@stage(name, sections=..., upstream=...)`` on a function taking a
-:class:`StageContext`. The harness validates the whole params.yaml before any work, opens one MLflow
-run (FAILED when the stage raises), gives the stage a temporary output directory that replaces
-``outputs/<stage>/`` only on success, writes ``run.json`` there (read by downstream stages for
-lineage), and turns user errors into one line on stderr with exit status 2.
+A stage script is ``@stage(name)`` on a function taking a :class:`StageContext`; everything else
+about the stage (its params, deps, upstream stages, output folder) comes from its dvc.yaml entry
+(stages/spec.py). The harness validates the whole params.yaml before any work, hands the stage a
+view of only the params it declares (reading any other key is an error), opens one MLflow run
+(FAILED when the stage raises), gives the stage a temporary output directory that replaces its
+output folder only on success, writes ``run.json`` there (read by downstream stages for lineage,
+with the params the stage read), and turns user errors into one line on stderr with exit status 2.
+A ``foreach`` stage gets its item as the command's argument (``python -m stages.calibration arith``
+is ``calibration@arith``).
 """
 
 from __future__ import annotations
@@ -26,40 +30,39 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import Params, flatten, load_params
+from pipeline.config import flatten, load_params
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_dir, read_json, write_json
+from pipeline.params_view import ParamsView, declared_values
 from pipeline.tracking import StageRun, default_artifact_root, default_tracking_uri
+from stages import spec as specs
 
 ROOT = Path.cwd()
 OUTPUTS = Path("outputs")
 WORK = OUTPUTS / ".work"
-#: Output directory of stages whose directory name differs from the stage name.
-STAGE_DIRS = {"skip_calibration": "skip"}
+#: Paths whose changes do not make the working tree "dirty" for lineage: what ``dvc repro`` writes itself.
+NOT_SOURCE = ("dvc.lock", "outputs")
 log = logging.getLogger("stages")
 
 
 @dataclass
 class StageContext:
-    """What a stage function gets: validated params, its temporary output dir, the MLflow run."""
+    """What a stage function gets: its declared params, its item (``foreach``), its temporary output dir, the MLflow run."""
 
     name: str
-    params: Params
+    params: ParamsView
     out: Path
     run: StageRun
+    item: str | None = None
     upstream_runs: dict[str, dict[str, Any]] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     after_commit: list[Callable[[], None]] = field(default_factory=list)
-
-    def upstream_dir(self, stage: str) -> Path:
-        """Final output directory of an upstream stage."""
-        return stage_dir(stage)
 
     def work_dir(self, key: Any) -> Path:
         """A resumable scratch directory for this stage, named by the hash of ``key`` (its inputs)."""
         from pipeline.io import scratch_dir
 
-        return scratch_dir(WORK / self.name, key)
+        return scratch_dir(WORK / self.name.replace("@", "-"), key)
 
     def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
         """Log metrics to MLflow and keep them for ``metrics.json``."""
@@ -69,8 +72,13 @@ class StageContext:
 
 
 def stage_dir(stage: str) -> Path:
-    """``outputs/<dir>`` of a stage."""
-    return OUTPUTS / STAGE_DIRS.get(stage, stage)
+    """The output folder of a stage (``calibration@general`` for one calibration set), from dvc.yaml."""
+    return specs.spec(stage, ROOT).out_dir
+
+
+def calibration_dir(name: str) -> Path:
+    """The output folder of the calibration set ``name``."""
+    return stage_dir(f"calibration@{name}")
 
 
 # -- lineage -------------------------------------------------------------------------------------
@@ -83,12 +91,12 @@ def _git(*args: str) -> str | None:
 
 
 def git_tags() -> dict[str, str]:
-    """Commit, dirty flag and DVC experiment name of the working tree."""
+    """Commit, dirty flag (changes to tracked sources; dvc.lock and outputs/ are DVC's) and DVC experiment."""
     tags: dict[str, str] = {}
     commit = _git("rev-parse", "HEAD")
     if commit:
         tags["git.commit"] = commit
-        status = _git("status", "--porcelain", "--untracked-files=no")
+        status = _git("status", "--porcelain", "--untracked-files=no", "--", ".", *(f":!{p}" for p in NOT_SOURCE))
         tags["git.dirty"] = str(bool(status))
     for env in ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "DVC_ROOT"):
         if os.environ.get(env):
@@ -120,22 +128,6 @@ def dvc_md5(path: Path) -> str | None:
     return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"  # noqa: S324
 
 
-def stage_spec(name: str) -> dict[str, Any]:
-    """This stage's entry in dvc.yaml (empty when run outside the repo)."""
-    path = ROOT / "dvc.yaml"
-    if not path.is_file():
-        return {}
-    spec = yaml.safe_load(path.read_text()) or {}
-    return (spec.get("stages") or {}).get(name) or {}
-
-
-def _paths(entries: list[Any] | None) -> list[str]:
-    out: list[str] = []
-    for entry in entries or []:
-        out.append(next(iter(entry)) if isinstance(entry, dict) else str(entry))
-    return out
-
-
 def lock_hashes() -> dict[str, str]:
     """``path -> md5`` of every out recorded in dvc.lock (what upstream stages produced)."""
     path = ROOT / "dvc.lock"
@@ -150,45 +142,42 @@ def lock_hashes() -> dict[str, str]:
     return hashes
 
 
-def dep_tags(name: str) -> dict[str, str]:
+def dep_tags(st: specs.StageSpec) -> dict[str, str]:
     """``dvc.dep.<path>`` tags: dvc.lock's hash for upstream outputs, a fresh DVC hash for code."""
     recorded = lock_hashes()
     tags: dict[str, str] = {}
-    for dep in _paths(stage_spec(name).get("deps")):
-        p = ROOT / dep
-        digest = recorded.get(dep) or dvc_md5(p)
+    for dep in st.deps:
+        digest = recorded.get(dep) or dvc_md5(ROOT / dep)
         if digest:
             tags[f"dvc.dep.{dep}"] = digest
     return tags
 
 
-def out_tags(name: str) -> dict[str, str]:
+def out_tags(st: specs.StageSpec) -> dict[str, str]:
     """``dvc.out.<path>`` tags: the DVC hash of every output the stage declares."""
-    spec = stage_spec(name)
-    tags: dict[str, str] = {}
-    for key in ("outs", "metrics", "plots"):
-        for out in _paths(spec.get(key)):
-            digest = dvc_md5(ROOT / out)
-            if digest:
-                tags[f"dvc.out.{out}"] = digest
-    return tags
+    return {f"dvc.out.{out}": digest for out in st.outs if (digest := dvc_md5(ROOT / out))}
 
 
 def read_upstream(stages: tuple[str, ...]) -> dict[str, dict[str, Any]]:
     """``run.json`` of each upstream stage (a missing one means that stage never completed)."""
     found: dict[str, dict[str, Any]] = {}
     for up in stages:
-        path = stage_dir(up) / "run.json"
+        path = stage_dir(up) / specs.RUN_RECORD
         if not path.is_file():
             raise PipelineError(f"{path} does not exist: run the {up!r} stage first (dvc repro {up})")
         found[up] = read_json(path, what="upstream run record")
     return found
 
 
+def tag_key(stage: str) -> str:
+    """A stage name as MLflow accepts it in tag keys (``calibration@arith`` -> ``calibration/arith``)."""
+    return stage.replace("@", "/")
+
+
 # -- the harness ---------------------------------------------------------------------------------
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("alembic", "mlflow", "httpx", "urllib3", "datasets", "filelock", "fsspec"):
+    for noisy in ("alembic", "mlflow", "httpx", "urllib3", "datasets", "filelock", "fsspec", "dvc"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -196,22 +185,22 @@ def _setup_logging() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def stage(
-    name: str, sections: tuple[str, ...], upstream: tuple[str, ...] = ()
-) -> Callable[[Callable[[StageContext], None]], Callable[[], None]]:
-    """Decorator turning ``fn(ctx)`` into the stage's ``main()``."""
+def stage(name: str) -> Callable[[Callable[[StageContext], None]], Callable[[], None]]:
+    """Decorator turning ``fn(ctx)`` into the stage's ``main()``; a ``foreach`` item comes as ``argv[1]``."""
 
     def decorate(fn: Callable[[StageContext], None]) -> Callable[[], None]:
         @functools.wraps(fn)
         def main() -> None:
             _setup_logging()
+            item = sys.argv[1] if len(sys.argv) > 1 else None
+            full = f"{name}@{item}" if item else name
             try:
-                _run(name, sections, upstream, fn)
+                _run(full, item, fn)
             except PipelineError as exc:
-                print(f"error: {name}: {exc}", file=sys.stderr)
+                print(f"error: {full}: {exc}", file=sys.stderr)
                 sys.exit(2)
             except KeyboardInterrupt:
-                print(f"error: {name}: interrupted", file=sys.stderr)
+                print(f"error: {full}: interrupted", file=sys.stderr)
                 sys.exit(130)
 
         return main
@@ -219,24 +208,24 @@ def stage(
     return decorate
 
 
-def _run(name: str, sections: tuple[str, ...], upstream: tuple[str, ...], fn: Callable[[StageContext], None]) -> None:
+def _run(name: str, item: str | None, fn: Callable[[StageContext], None]) -> None:
     started = time.time()
     params = load_params(os.environ.get("PARAMS_FILE", "params.yaml"))
+    st = specs.spec(name, ROOT)
+    view = ParamsView(params, st.params, stage=name)
     from pipeline.runtime import configure_threads
 
     configure_threads(params.runtime.threads)
     if params.runtime.trust_remote_code:
         log.warning("runtime.trust_remote_code is true: transformers may run code from the model's repository")
-    ups = read_upstream(upstream)
-    dump = params.model_dump(mode="json")
+    ups = read_upstream(specs.upstream(name, ROOT))
     flat: dict[str, Any] = {}
-    for section in sections:
-        flat.update(flatten(dump[section], f"{section}."))
-    flat.setdefault("model.source", params.model.source)
-    tags = {**git_tags(), **dep_tags(name)}
+    for key, value in declared_values(params, st.params).items():
+        flat.update(flatten(value, f"{key}."))
+    tags = {**git_tags(), **dep_tags(st), "model.source": params.model.source}
     for up, record in ups.items():
         if record.get("run_id"):
-            tags[f"upstream.{up}.run_id"] = record["run_id"]
+            tags[f"upstream.{tag_key(up)}.run_id"] = record["run_id"]
     uri = default_tracking_uri(ROOT)
     run = StageRun(
         name,
@@ -247,10 +236,10 @@ def _run(name: str, sections: tuple[str, ...], upstream: tuple[str, ...], fn: Ca
         tags=tags,
         enabled=params.tracking.enabled,
     )
-    final = stage_dir(name)
+    final = st.out_dir
     with run:
         with atomic_dir(final) as tmp:
-            ctx = StageContext(name=name, params=params, out=tmp, run=run, upstream_runs=ups)
+            ctx = StageContext(name=name, params=view, out=tmp, run=run, item=item, upstream_runs=ups)
             fn(ctx)
             if ctx.metrics and not (tmp / "metrics.json").exists():
                 write_json(tmp / "metrics.json", ctx.metrics)
@@ -261,13 +250,14 @@ def _run(name: str, sections: tuple[str, ...], upstream: tuple[str, ...], fn: Ca
                 "experiment": params.tracking.experiment,
                 "tracking_uri": run.tracking_uri if run.enabled else None,
                 "upstream": {up: rec.get("run_id") for up, rec in ups.items()},
+                "params_read": sorted(view.reads),
                 "git_commit": tags.get("git.commit"),
                 "finished": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
                 "seconds": round(time.time() - started, 2),
             }
-            write_json(tmp / "run.json", record)
+            write_json(tmp / specs.RUN_RECORD, record)
         for callback in ctx.after_commit:  # e.g. deleting the stage's resumable work directory
             callback()
-        run.set_tags(out_tags(name))
+        run.set_tags(out_tags(st))
         run.log_metrics({"stage_seconds": time.time() - started})
     log.info("%s done in %.1fs -> %s", name, time.time() - started, final)

@@ -18,7 +18,7 @@ from pipeline.corpus import (
 from stages.common import StageContext, stage
 
 
-@stage("corpus", sections=("corpus",))
+@stage("corpus")
 def run(ctx: StageContext) -> None:
     """Build the corpus from the standard library and generators, then its eval files."""
     p = ctx.params.corpus

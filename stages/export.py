@@ -16,7 +16,7 @@ from pipeline.runtime import DTYPES, resolve_device
 from stages.common import StageContext, stage, stage_dir
 
 
-@stage("export", sections=("export", "runtime"), upstream=("model", "search", "activations"))
+@stage("export")
 def main(ctx: StageContext) -> None:
     p = ctx.params
     manifest = ModelManifest.load(stage_dir("model") / "manifest.json")

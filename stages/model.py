@@ -16,13 +16,14 @@ from pipeline.train import adopt_source_model, embedded_manifest, train_embedded
 from stages.common import StageContext, stage, stage_dir
 
 
-@stage("model", sections=("model", "runtime"), upstream=("corpus",))
+@stage("model")
 def run(ctx: StageContext) -> None:
     """Train the embedded model, or adopt a real one; write the manifest."""
     p = ctx.params.model
+    trust_remote_code = ctx.params.runtime.trust_remote_code  # a real model's own code (unused when embedded)
     if p.source == EMBEDDED:
         result = train_embedded(
-            ctx.upstream_dir("corpus") / "data",
+            stage_dir("corpus") / "data",
             ctx.out,
             p.embedded,
             resolve_device(ctx.params.runtime.device),
@@ -34,7 +35,7 @@ def run(ctx: StageContext) -> None:
             ctx.run.log_artifact(plot, artifact_path="plots")
     else:
         manifest = adopt_source_model(
-            p.source, p.revision, ctx.out / "checkpoint", ctx.params.runtime.trust_remote_code
+            p.source, p.revision, ctx.out / "checkpoint", trust_remote_code
         )
         atomic_write_text(ctx.out / "plots" / "README.md", "No plots: the model was not trained by the pipeline.\n")
     ctx.log_metrics(

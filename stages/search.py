@@ -1,39 +1,36 @@
 """DVC stage `search`: choose the `search.r` experts each MoE layer keeps (method.md §2, §5, §6).
 
 Writes `outputs/search/selection.json`, `tables/` (every scored set's loss; baselines),
-`plots/` (loss distribution per layer; expert usage per calibration set) and `metrics.json`.
+`plots/` (loss distribution per layer; expert usage on the search's calibration set) and `metrics.json`.
 Finished layers survive a crash in `outputs/.work/search/<key>/`; a rerun resumes after them.
 """
 
 from __future__ import annotations
 
-from functools import partial
-
 from pipeline.activations import ActivationCache
+from pipeline.calibration import load_calibration_set
 from pipeline.errors import PipelineError
-from pipeline.io import load_tensors, remove_path, sha256_file, write_json
+from pipeline.io import remove_path, sha256_file, write_json
 from pipeline.models import get_adapter
 from pipeline.models.loading import ModelManifest, checkpoint_fingerprint, load_model
 from pipeline.runtime import cuda_peak_bytes, dtype_name, resolve_device, resolve_dtype, seed_everything
 from pipeline.search import report
 from pipeline.search.run import LayerResult, SearchSettings, routing_usage, run_layerwise, run_progressive
 from pipeline.search.strategies import validate_r
-from stages.common import StageContext, stage, stage_dir
+from stages.common import StageContext, calibration_dir, stage, stage_dir
 
 #: Larger outputs are recorded in MLflow by path and hash instead of being copied.
 MAX_ARTIFACT_BYTES = 50 << 20
 
 
-@stage("search", sections=("search", "runtime"), upstream=("model", "calibration", "activations"))
+@stage("search")
 def main(ctx: StageContext) -> None:
     """Validate, search every MoE layer, write the selection with tables, plots and metrics."""
     p, runtime = ctx.params.search, ctx.params.runtime
     settings = SearchSettings.from_params(p)
     manifest = ModelManifest.load(stage_dir("model") / "manifest.json")
     validate_r(p.r, manifest.num_experts, manifest.top_k)
-    sets = {name: stage_dir("calibration") / f"{name}.safetensors" for name in ctx.params.calibration.sets}
-    if not sets[p.calibration].is_file():
-        raise PipelineError(f"search.calibration: {sets[p.calibration]} does not exist (run dvc repro calibration)")
+    calib = load_calibration_set(calibration_dir(p.calibration), p.calibration, key="search.calibration")
     cache = ActivationCache(stage_dir("activations"), manifest.fingerprint)
     if cache.calibration != p.calibration:
         raise PipelineError(
@@ -52,17 +49,18 @@ def main(ctx: StageContext) -> None:
     work = ctx.work_dir({
         "model": manifest.fingerprint,
         "activations": cache.manifest["files"],
-        "calibration": sha256_file(sets[p.calibration]),
+        "calibration": calib.fingerprint,
         "search": p.model_dump(mode="json"),
         "device": device.type,
         "dtype": dtype_name(dtype),
     })
     batch_size = ctx.params.activations.batch_size
-    ctx.run.log_params({"activations.batch_size": batch_size})
-    usage_of = partial(routing_usage, model, adapter, model.config, batch_size=batch_size, device=device)
-    usage_sets = [n for n, path in sets.items() if path.is_file() and (n != p.calibration or settings.mode == "progressive")]
-    # Expert usage of the original model on each calibration set (progressive mode prunes the model: first).
-    usage = {n: usage_of(load_tensors(sets[n])["input_ids"]) for n in usage_sets} if settings.mode == "progressive" else {}
+    # Expert usage of the original model on the calibration set (progressive mode prunes the model: first).
+    usage = (
+        routing_usage(model, adapter, model.config, calib.input_ids, batch_size=batch_size, device=device)
+        if settings.mode == "progressive"
+        else {}
+    )
 
     resumed_layers: list[int] = []
     peaks: list[int] = []
@@ -81,18 +79,16 @@ def main(ctx: StageContext) -> None:
     if settings.mode == "layerwise":
         results = run_layerwise(model, adapter, model.config, cache.layers, cache.load, settings,
                                 device=device, work_dir=work, on_layer=on_layer)
-        usage = {n: usage_of(load_tensors(sets[n])["input_ids"]) for n in usage_sets}
-        usage[p.calibration] = {r.layer: r.usage for r in results}
+        usage = {r.layer: r.usage for r in results}
     else:
-        input_ids = load_tensors(sets[p.calibration])["input_ids"]
-        results = run_progressive(model, adapter, model.config, input_ids, settings, batch_size=batch_size,
+        results = run_progressive(model, adapter, model.config, calib.input_ids, settings, batch_size=batch_size,
                                   device=device, work_dir=work, on_layer=on_layer)
 
     doc = report.selection(results, settings, calibration=p.calibration, model_fingerprint=manifest.fingerprint,
                            num_experts=manifest.num_experts, top_k=manifest.top_k)
     write_json(ctx.out / "selection.json", doc)
     files = report.write_tables(ctx.out / "tables", results)
-    files += report.write_plots(ctx.out / "plots", results, dict(sorted(usage.items())), search_set=p.calibration,
+    files += report.write_plots(ctx.out / "plots", results, usage, search_set=p.calibration,
                                 strategy=doc["strategy"], r=p.r, n=manifest.num_experts)
     metrics, flat = report.metrics(results, sum(r.seconds for r in results))
     if peaks:

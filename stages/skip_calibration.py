@@ -13,13 +13,14 @@ from typing import Any
 
 import torch
 
+from pipeline.calibration import load_calibration_set
 from pipeline.errors import PipelineError
-from pipeline.io import load_tensors, read_json, write_json
+from pipeline.io import read_json, write_json
 from pipeline.models import get_adapter
 from pipeline.models.loading import ModelManifest, load_model
 from pipeline.runtime import resolve_device, resolve_dtype
 from pipeline.skipping import RULE, calibrate_thresholds, measure_skipping, write_skip_checkpoint
-from stages.common import StageContext, stage, stage_dir
+from stages.common import StageContext, calibration_dir, stage, stage_dir
 
 
 def calibrate(ctx: StageContext, path: Path, input_ids: torch.Tensor, label: str) -> tuple[dict[int, float], dict[str, Any]]:
@@ -49,13 +50,10 @@ def calibrate(ctx: StageContext, path: Path, input_ids: torch.Tensor, label: str
     return thresholds, summary
 
 
-@stage("skip_calibration", sections=("skip", "runtime"), upstream=("model", "calibration", "export"))
+@stage("skip_calibration")
 def main(ctx: StageContext) -> None:
     name = ctx.params.skip.calibration
-    calib = stage_dir("calibration") / f"{name}.safetensors"
-    if not calib.is_file():
-        raise PipelineError(f"skip.calibration: {calib} does not exist (run: dvc repro calibration)")
-    input_ids = load_tensors(calib, what="calibration set")["input_ids"]
+    input_ids = load_calibration_set(calibration_dir(name), name, key="skip.calibration").input_ids
     exported = stage_dir("export") / "model"
     manifest = ModelManifest.load(stage_dir("model") / "manifest.json")
     pruning = read_json(exported / "config.json", what="exported model config").get("pruning") or {}

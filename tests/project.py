@@ -97,8 +97,12 @@ def tracked_files() -> list[str]:
     out = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
     )
-    # outputs/ of the developer's own runs (run.json, metrics.json are not git-ignored) stay behind.
-    return [line for line in out.stdout.splitlines() if (ROOT / line).is_file() and not line.startswith("outputs/")]
+    # What the developer's own `dvc repro` wrote (dvc.lock, run.json and metrics.json under outputs/)
+    # stays behind: a project copy starts from the sources alone, as a fresh clone does.
+    return [
+        line for line in out.stdout.splitlines()
+        if (ROOT / line).is_file() and not line.startswith("outputs/") and line != "dvc.lock"
+    ]
 
 
 def make_project(dest: Path, override: Mapping[str, Any] | None = None) -> Path:
@@ -114,6 +118,52 @@ def make_project(dest: Path, override: Mapping[str, Any] | None = None) -> Path:
     run(dest, "git", "add", "-A")
     run(dest, "git", "commit", "-qm", "test project")
     return dest
+
+
+def stage_dir_project(dest: Path, override: Mapping[str, Any] | None = None) -> Path:
+    """A bare folder to run single stages in: this repo's dvc.yaml (the stages' declarations) and
+    params.yaml with ``override`` merged in; the code is imported from this repo. Upstream outputs are
+    the test's to write (:func:`write_calibration_set`, :func:`write_run_records`)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(ROOT / "dvc.yaml", dest / "dvc.yaml")
+    set_params(dest, merge(yaml.safe_load((ROOT / "params.yaml").read_text()), override or {}))
+    return dest
+
+
+def write_run_records(project: Path, *stages: str) -> None:
+    """``run.json`` of upstream ``stages`` (no MLflow run), as if they had run."""
+    from stages.spec import RUN_RECORD, spec
+
+    for name in stages:
+        path = project / spec(name, project).out_dir / RUN_RECORD
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f'{{"stage": "{name}", "run_id": null}}\n')
+
+
+def write_calibration_set(project: Path, name: str, input_ids: Any) -> Path:
+    """``outputs/calibration/<name>/`` holding ``input_ids`` and a manifest, as the calibration stage writes them."""
+    from pipeline.calibration import input_ids_fingerprint, write_calibration_set as write
+    from stages.spec import spec
+
+    folder = project / spec(f"calibration@{name}", project).out_dir
+    manifest = {"name": name, "num_samples": int(input_ids.shape[0]), "seq_len": int(input_ids.shape[1]),
+                "num_tokens": int(input_ids.numel()), "sources": [], "fingerprint": input_ids_fingerprint(input_ids)}
+    write(folder, input_ids, manifest)
+    write_run_records(project, f"calibration@{name}")
+    return folder
+
+
+def run_stage(
+    project: Path, stage: str, *, timeout: int = 600, **extra_env: str
+) -> subprocess.CompletedProcess[str]:
+    """``python -m stages.<stage>`` in ``project`` as ``dvc repro`` runs it (``calibration@arith`` runs
+    ``stages.calibration arith``); MLflow store ``<project>/mlflow.db``; code from the project when it
+    has a copy, else from this repo. Never raises on failure: tests read the status and stderr."""
+    script, _, item = stage.partition("@")
+    extra_env.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
+    extra_env.setdefault("PYTHONPATH", str(ROOT))
+    cmd = [sys.executable, "-m", f"stages.{script}", *([item] if item else [])]
+    return subprocess.run(cmd, cwd=project, env=env(project, **extra_env), capture_output=True, text=True, timeout=timeout)
 
 
 def set_params(project: Path, params: Mapping[str, Any]) -> None:

@@ -12,9 +12,9 @@ import torch
 
 from pipeline.calibration import (
     allocate,
-    build_calibration_sets,
     build_set,
     load_calibration_set,
+    write_calibration_set,
     open_sources,
     pack_blocks,
     separator_token,
@@ -209,31 +209,25 @@ def test_sets_are_deterministic_and_seeded(tokenizer: Any, corpus_dir: Path) -> 
     assert not torch.equal(a, c)
 
 
-def test_build_writes_sets_and_reader_checks_them(tokenizer: Any, corpus_dir: Path, tmp_path: Path) -> None:
-    params = CalibrationParams.model_validate(
-        {
-            "seed": 42,
-            "sets": {
-                "general": {"num_samples": 6, "seq_len": 16, "sources": [{"type": "corpus", "domains": ["prose", "code", "arith"]}]},
-                "arith": {"num_samples": 4, "seq_len": 8, "sources": [{"type": "corpus", "domains": ["arith"]}]},
-            },
-        }
-    )
-    out = tmp_path / "calibration"
-    sets = build_calibration_sets(params, tokenizer, out, corpus_dir=corpus_dir, max_positions=128, model_fingerprint="abc")
-    assert sorted(p.name for p in out.iterdir()) == ["arith.json", "arith.safetensors", "general.json", "general.safetensors"]
+def test_written_set_reads_back_and_reader_checks_it(tokenizer: Any, corpus_dir: Path, tmp_path: Path) -> None:
+    spec = make_set(num_samples=4, seq_len=8, sources=[{"type": "corpus", "domains": ["arith"]}])
+    ids, info = build_set("arith", spec, tokenizer, seed=42, corpus_dir=corpus_dir, max_positions=128)
+    info["model_fingerprint"] = "abc"
+    out = tmp_path / "calibration" / "arith"
+    write_calibration_set(out, ids, info)
+    assert sorted(p.name for p in out.iterdir()) == ["input_ids.safetensors", "manifest.json"]
     data = load_calibration_set(out, "arith")
     assert tuple(data.input_ids.shape) == (4, 8) and data.name == "arith"
-    assert data.manifest == sets["arith"] and data.manifest["model_fingerprint"] == "abc"
-    assert data.fingerprint == sets["arith"]["fingerprint"]
-    with pytest.raises(PipelineError, match=r"search.calibration: calibration set 'c4' is not in .*built: arith, general") as exc:
-        load_calibration_set(out, "c4")
+    assert data.manifest == info and data.manifest["model_fingerprint"] == "abc"
+    assert data.fingerprint == info["fingerprint"]
+    with pytest.raises(PipelineError, match=r"search.calibration: calibration set 'c4' is not built .*calibration@c4") as exc:
+        load_calibration_set(tmp_path / "calibration" / "c4", "c4")
     one_line_error(exc)
-    manifest = json.loads((out / "general.json").read_text())
+    manifest = json.loads((out / "manifest.json").read_text())
     manifest["fingerprint"] = "0" * 16
-    (out / "general.json").write_text(json.dumps(manifest))
+    (out / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(PipelineError, match="does not match"):
-        load_calibration_set(out, "general")
+        load_calibration_set(out, "arith")
 
 
 # -- bad inputs: one line naming the key, nothing written ----------------------------------------------
@@ -310,21 +304,6 @@ def test_missing_corpus_domain_and_file(tokenizer: Any, corpus_dir: Path, tmp_pa
         build_set("s", spec, tokenizer, seed=0, corpus_dir=corpus_dir)
     with pytest.raises(PipelineError, match=r"corpus .* does not exist; run the corpus stage"):
         build_set("s", make_set(sources=[{"type": "corpus", "domains": ["arith"]}]), tokenizer, seed=0, corpus_dir=tmp_path / "x")
-
-
-def test_a_failing_set_writes_nothing(tokenizer: Any, corpus_dir: Path, tmp_path: Path) -> None:
-    params = CalibrationParams.model_validate(
-        {
-            "sets": {
-                "good": {"num_samples": 2, "seq_len": 8, "sources": [{"type": "corpus", "domains": ["arith"]}]},
-                "bad": {"num_samples": 2, "seq_len": 64, "sources": [{"type": "corpus", "domains": ["arith"]}]},
-            }
-        }
-    )
-    out = tmp_path / "out"
-    with pytest.raises(PipelineError, match="calibration.sets.bad.seq_len"):
-        build_calibration_sets(params, tokenizer, out, corpus_dir=corpus_dir, max_positions=32)
-    assert not out.exists() or not any(out.iterdir())
 
 
 def test_documented_examples_are_valid_params() -> None:

@@ -177,17 +177,16 @@ def test_report_tables_plots_and_metrics(tmp_path) -> None:
         base = list(csv.DictReader(fh))
     assert {row["method"] for row in base} == {"enumerate", "frequency", "random", "reap"}
     assert all(float(row["loss_vs_chosen"]) >= 1.0 for row in base)
-    usage = {"general": {r.layer: r.usage for r in results}, "other": {0: [1] * 8, 1: [0, 2, 0, 2, 0, 2, 0, 2]}}
+    usage = {0: [1] * 8, 1: [0, 2, 0, 2, 0, 2, 0, 2]}
     files = report.write_plots(tmp_path / "plots", results, usage, search_set="general", strategy="enumerate", r=6, n=8)
     names = sorted(p.relative_to(tmp_path / "plots").as_posix() for p in files)
     assert names == sorted([
         "data/loss_candidates.json", "data/loss_chosen.json", "data/loss_frequency.json", "data/loss_random.json",
-        "data/loss_reap.json", "data/usage_general.json", "data/usage_other.json", "loss_distribution.png",
-        "usage_general.png", "usage_other.png",
+        "data/loss_reap.json", "data/usage.json", "loss_distribution.png", "usage.png",
     ])
     points = json.loads((tmp_path / "plots" / "data" / "loss_candidates.json").read_text())
     assert len(points) == 56 and {p["layer"] for p in points} == {0, 1}
-    shares = json.loads((tmp_path / "plots" / "data" / "usage_other.json").read_text())
+    shares = json.loads((tmp_path / "plots" / "data" / "usage.json").read_text())
     assert [s["share"] for s in shares if s["layer"] == 1] == [0, 0.25, 0, 0.25, 0, 0.25, 0, 0.25]
     doc_metrics, flat = report.metrics(results, 1.5)
     assert doc_metrics["loss"] == pytest.approx(sum(r.loss for r in results))

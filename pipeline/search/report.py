@@ -187,7 +187,7 @@ def usage_shares(usage: Mapping[int, Sequence[int]]) -> tuple[list[int], np.ndar
 
 
 def plot_usage(folder: Path, name: str, usage: Mapping[int, Sequence[int]], kept: Mapping[int, Sequence[int]] | None) -> Any:
-    """``usage_<name>.png``: heatmap of routing shares (layers x experts); dropped experts crossed out."""
+    """``usage.png``: heatmap of routing shares (layers x experts); dropped experts crossed out."""
     plt = _pyplot()
     layers, shares = usage_shares(usage)
     n = shares.shape[1]
@@ -204,21 +204,24 @@ def plot_usage(folder: Path, name: str, usage: Mapping[int, Sequence[int]], kept
     ax.set_ylabel("MoE layer")
     ax.set_title(f"Expert usage on calibration set '{name}'")
     fig.tight_layout()
-    fig.savefig(folder / f"usage_{name}.png")
+    fig.savefig(folder / "usage.png")
     return fig
 
 
 def write_plots(
     folder: Path,
     results: Sequence[LayerResult],
-    usage: Mapping[str, Mapping[int, Sequence[int]]],
+    usage: Mapping[int, Sequence[int]],
     *,
     search_set: str,
     strategy: str,
     r: int,
     n: int,
 ) -> list[Path]:
-    """Write PNGs into ``folder`` and their data into ``folder/data``; return the files written."""
+    """Write PNGs into ``folder`` and their data into ``folder/data``; return the files written.
+
+    ``usage`` is the original model's expert usage per layer on the search's calibration set.
+    """
     plt = _pyplot()
     data = folder / "data"
     data.mkdir(parents=True, exist_ok=True)
@@ -227,13 +230,10 @@ def write_plots(
         written.append(write_json(data / f"loss_{key}.json", rows))
     figures = {"loss_distribution.png": plot_losses(folder, results, strategy=strategy, r=r, n=n)}
     kept = {res.layer: res.kept for res in results}
-    for name, per_layer in usage.items():
-        layers, shares = usage_shares(per_layer)
-        rows = [
-            {"layer": layer, "expert": e, "share": float(shares[i, e])} for i, layer in enumerate(layers) for e in range(shares.shape[1])
-        ]
-        written.append(write_json(data / f"usage_{name}.json", rows))
-        figures[f"usage_{name}.png"] = plot_usage(folder, name, per_layer, kept if name == search_set else None)
+    layers, shares = usage_shares(usage)
+    rows = [{"layer": layer, "expert": e, "share": float(shares[i, e])} for i, layer in enumerate(layers) for e in range(shares.shape[1])]
+    written.append(write_json(data / "usage.json", rows))
+    figures["usage.png"] = plot_usage(folder, search_set, usage, kept)
     for name, fig in figures.items():
         plt.close(fig)
         written.append(folder / name)
