@@ -13,7 +13,7 @@ SHELL  := /bin/bash
 # pip on these machines warns about every missing local index folder; keep real messages only.
 QUIET_PIP := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: setup repro test test-fast ui dag clean-outputs
+.PHONY: setup browser repro test test-fast ui dag clean-outputs
 
 setup: $(STAMP)
 
@@ -24,10 +24,18 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e . $(QUIET_PIP)
 	@touch $(STAMP)
 
+# Debian's Chromium for the MLflow UI browser test (tests/test_compare_ui.py); installed once, as root or with sudo.
+browser:
+	@if [ ! -x /usr/bin/chromium ]; then \
+	  SUDO=""; [ "$$(id -u)" -eq 0 ] || SUDO="sudo -E"; \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq; \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-liberation; \
+	fi
+
 repro: setup
 	$(BIN)/dvc repro
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest
 
 test-fast: setup

@@ -64,8 +64,8 @@ def _specs(root: str) -> dict[str, StageSpec]:
             key for dep in st.deps if isinstance(dep, ParamsDependency) for key in (dep.params or [])
         )
         deps = tuple(str(dep.def_path) for dep in st.deps if not isinstance(dep, ParamsDependency))
-        specs[st.addressing] = StageSpec(
-            name=st.addressing,
+        specs[st.name] = StageSpec(
+            name=st.name,
             cmd=str(st.cmd),
             deps=deps,
             params=params,
@@ -101,3 +101,14 @@ def upstream(name: str, root: Path) -> tuple[str, ...]:
     """The stages producing ``name``'s deps, in dvc.yaml order."""
     found = {producer(dep, root) for dep in spec(name, root).deps}
     return tuple(n for n in all_specs(root) if n in found and n != name)
+
+
+def undeclared_code(modules: list[str], st: StageSpec) -> list[str]:
+    """The project modules among ``modules`` (paths) that no dep of ``st`` covers."""
+    return [m for m in modules if not any(m == d or m.startswith(d.rstrip("/") + "/") for d in st.deps)]
+
+
+def params_drift(read: set[str], st: StageSpec) -> dict[str, list[str]]:
+    """Declared keys the stage never read, and read keys it does not declare (both empty when exact)."""
+    declared = set(st.params)
+    return {"declared_not_read": sorted(declared - read), "read_not_declared": sorted(read - declared)}

@@ -6,6 +6,8 @@ Tiny params override (tests/project.py), real git, DVC, MLflow (SQLite store) an
 from __future__ import annotations
 
 import json
+import re
+import socket
 import time
 from pathlib import Path
 
@@ -13,30 +15,28 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.project import make_project, read_params, run, set_params
+from stages import spec as specs
+from tests.project import ROOT, make_project, read_params, run, set_params
 
 pytestmark = pytest.mark.slow
-
-STAGES = ["corpus", "model", "calibration", "activations", "search", "export", "skip_calibration", "benchmark"]
-UPSTREAM = {
-    "model": ["corpus"],
-    "calibration": ["corpus", "model"],
-    "activations": ["model", "calibration"],
-    "search": ["model", "calibration", "activations"],
-    "export": ["model", "search", "activations"],
-    "skip_calibration": ["model", "export", "calibration"],
-    "benchmark": ["model", "export", "skip_calibration", "search", "corpus"],
-}
-DIRS = {"skip_calibration": "skip"}
+TRACER = ROOT / "tests" / "import_trace"
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
+    """The tiny project after `dvc repro`, committed; each stage process records the modules it imported."""
     proj = make_project(tmp_path_factory.mktemp("e2e") / "proj")
-    run(proj, "dvc", "repro")
+    trace = proj.parent / "imports"
+    trace.mkdir()
+    run(proj, "dvc", "repro", PYTHONPATH=str(TRACER), IMPORT_TRACE_DIR=str(trace))
     run(proj, "git", "add", "-A")
     run(proj, "git", "commit", "-qm", "repro")  # dvc.lock, as a user would commit it
     return proj
+
+
+@pytest.fixture(scope="module")
+def stages(project: Path) -> dict[str, specs.StageSpec]:
+    return specs.all_specs(project)
 
 
 def _runs(project: Path) -> list:
@@ -45,19 +45,19 @@ def _runs(project: Path) -> list:
     return client.search_runs([exp.experiment_id], max_results=500)
 
 
-def test_every_stage_ran_and_pipeline_is_up_to_date(project):
+def test_every_stage_ran_and_pipeline_is_up_to_date(project, stages):
     status = run(project, "dvc", "status").stdout
     assert "up to date" in status, status
-    for stage in STAGES:
-        record = json.loads((project / "outputs" / DIRS.get(stage, stage) / "run.json").read_text())
-        assert record["stage"] == stage and record["run_id"]
+    for name, st in stages.items():
+        record = json.loads((project / st.out_dir / specs.RUN_RECORD).read_text())
+        assert record["stage"] == name and record["run_id"]
 
 
-def test_one_mlflow_run_per_stage_with_lineage(project):
+def test_one_mlflow_run_per_stage_with_lineage(project, stages):
     runs = [r for r in _runs(project) if "mlflow.parentRunId" not in r.data.tags]
     by_stage = {r.data.tags["stage"]: r for r in runs}
-    assert sorted(by_stage) == sorted(STAGES)
-    assert len(runs) == len(STAGES)
+    assert sorted(by_stage) == sorted(stages)
+    assert len(runs) == len(stages)
     commit = run(project, "git", "rev-parse", "HEAD~1").stdout.strip()  # the commit the stages ran on
     lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
     for stage, r in by_stage.items():
@@ -72,8 +72,10 @@ def test_one_mlflow_run_per_stage_with_lineage(project):
         for dep in lock[stage]["deps"]:
             if dep["path"].startswith("outputs/"):
                 assert tags[f"dvc.dep.{dep['path']}"] == dep["md5"], (stage, dep["path"])
-        for up in UPSTREAM.get(stage, []):
-            assert tags[f"upstream.{up}.run_id"] == by_stage[up].info.run_id, (stage, up)
+        ups = specs.upstream(stage, project)
+        assert ups or stage == "corpus"
+        for up in ups:
+            assert tags[f"upstream.{up.replace('@', '/')}.run_id"] == by_stage[up].info.run_id, (stage, up)
 
 
 def test_benchmark_has_four_variant_child_runs_with_upstream_settings(project):
@@ -129,6 +131,119 @@ def test_skip_quantile_change_reruns_only_skip_and_benchmark(project):
         run(project, "git", "reset", "-q", "--hard", "HEAD")
         run(project, "dvc", "checkout", "--force")
     assert "up to date" in run(project, "dvc", "status").stdout
+
+
+def test_each_stage_imports_only_code_it_depends_on(project, stages):
+    """(a) The project modules each stage process imported under `dvc repro` lie under its dvc.yaml deps."""
+    traced = {json.loads(p.read_text())["stage"]: json.loads(p.read_text())["modules"]
+              for p in (project.parent / "imports").glob("*.json")}
+    assert sorted(traced) == sorted(stages)
+    for name, modules in traced.items():
+        assert f"stages/{name.split('@')[0]}.py" in modules and "pipeline/runtime.py" in modules, name
+        assert specs.undeclared_code(modules, stages[name]) == [], name
+
+
+def test_each_stage_reads_exactly_the_params_it_declares(project, stages):
+    """(b) The keys each stage read through the params view equal its dvc.yaml params (and dvc.lock's)."""
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    for name, st in stages.items():
+        read = set(json.loads((project / st.out_dir / specs.RUN_RECORD).read_text())["params_read"])
+        assert specs.params_drift(read, st) == {"declared_not_read": [], "read_not_declared": []}, name
+        assert set(lock[name].get("params", {}).get("params.yaml", {})) == set(st.params), name
+
+
+def _cached_files(project: Path, stages) -> list[Path]:
+    files: list[Path] = []
+    for st in stages.values():
+        for out in st.cached_outs:
+            path = project / out
+            files += [p for p in sorted(path.rglob("*")) if p.is_file()] if path.is_dir() else [path]
+    return [f for f in files if f.name != ".gitignore"]
+
+
+def test_nothing_cached_holds_run_ids_hosts_dates_or_paths(project, stages):
+    run_ids = {r.info.run_id for r in _runs(project)}
+    assert len(run_ids) >= len(stages)
+    text_markers = [socket.gethostname(), time.strftime("%Y-%m-%d"), str(project)]
+    offenders = []
+    for path in _cached_files(project, stages):
+        data = path.read_bytes()
+        if any(run_id.encode() in data for run_id in run_ids):
+            offenders.append((path, "run id"))
+        if path.suffix in (".json", ".jsonl", ".md", ".csv", ".txt", ".yaml") and path.stat().st_size < 5 << 20:
+            text = data.decode("utf-8", errors="replace")
+            offenders += [(path, marker) for marker in text_markers if marker in text]
+    assert offenders == []
+
+
+def _what_reruns_when() -> list[tuple[str, list[str]]]:
+    """The table in docs/wiring.md: (edit, stages dvc status reports)."""
+    doc = (ROOT / "docs" / "wiring.md").read_text()
+    section = doc.split("## What reruns when", 1)[1]
+    rows = re.findall(r"^\| `([^`]+)` \| ([^|]+) \|$", section, flags=re.M)
+    return [(edit, [] if stale.strip() == "(none)" else [s.strip() for s in stale.split(",")]) for edit, stale in rows]
+
+
+def _apply(project: Path, edit: str) -> None:
+    verb, _, rest = edit.partition(" ")
+    if verb == "set":
+        key, _, value = rest.partition(" ")
+        params = read_params(project)
+        node = params
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        assert leaf in node, key
+        node[leaf] = yaml.safe_load(value)
+        set_params(project, params)
+    elif verb == "comment":
+        with open(project / rest, "a") as fh:
+            fh.write("# a comment changes no value\n")
+    elif verb == "edit":
+        with open(project / rest, "a") as fh:
+            fh.write("\n# an edit of the code\n")
+    else:
+        raise AssertionError(f"unknown edit {edit!r} in docs/wiring.md")
+
+
+def test_what_reruns_when(project):
+    """Every row of docs/wiring.md's table: one edit, then exactly those stages are stale."""
+    table = _what_reruns_when()
+    assert len(table) >= 12
+    sections = {e.split()[1].split(".")[0] for e, _ in table if e.startswith("set ")}
+    assert sections >= {"tracking", "runtime", "corpus", "model", "calibration", "activations", "search", "export",
+                        "skip", "benchmark"}
+    wrong = []
+    for edit, expected in table:
+        _apply(project, edit)
+        try:
+            stale = sorted(json.loads(run(project, "dvc", "status", "--json").stdout))
+        finally:
+            run(project, "git", "checkout", "-q", "HEAD", "--", ".")
+        if stale != sorted(expected):
+            wrong.append((edit, stale))
+    assert wrong == []
+    assert "up to date" in run(project, "dvc", "status").stdout
+
+
+def test_forced_rerun_of_any_stage_leaves_everything_up_to_date(project, stages):
+    """`dvc repro -f -s <stage>` with unchanged inputs writes the same bytes: no stage goes stale.
+    (Last in this file: it adds MLflow runs.)"""
+    lock = (project / "dvc.lock").read_text()
+    not_exact = {}
+    for name in stages:
+        run(project, "dvc", "repro", "-f", "-s", name)
+        status = json.loads(run(project, "dvc", "status", "--json").stdout)
+        if status:
+            not_exact[name] = status
+    assert not_exact == {}
+    assert _cached_hashes((project / "dvc.lock").read_text(), stages) == _cached_hashes(lock, stages)
+
+
+def _cached_hashes(lock_text: str, stages) -> dict[tuple[str, str], str]:
+    lock = yaml.safe_load(lock_text)["stages"]
+    return {(name, out["path"]): out["md5"] for name, st in stages.items()
+            for out in lock[name].get("outs", []) if out["path"] in st.cached_outs}
 
 
 def _ran(log: str) -> list[str]:

@@ -7,46 +7,40 @@ here exactly as their contracts describe, from a tiny random Mixtral, so the sta
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import yaml
 
-pytest.importorskip("pipeline.activations")
+from pipeline.io import save_tensors, sha256_file, write_json
+from pipeline.models import get_adapter
+from pipeline.models.loading import build_manifest, load_model
+from pipeline.search.report import usage_shares
+from pipeline.search.run import routing_usage
+from pipeline.streaming import stream_layers
+from tests.factory import save_tiny_checkpoint
+from tests.project import run_stage, stage_dir_project, write_calibration_set, write_run_records
 
-from pipeline.io import load_tensors, save_tensors, sha256_file, write_json  # noqa: E402
-from pipeline.models import get_adapter  # noqa: E402
-from pipeline.models.loading import build_manifest, load_model  # noqa: E402
-from pipeline.streaming import stream_layers  # noqa: E402
-from tests.factory import save_tiny_checkpoint  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
 SAMPLES, SEQ_LEN = 4, 16
 pytestmark = pytest.mark.slow
 
 
-def write_upstream(root: Path, *, model_fingerprint: str | None = None) -> None:
-    """outputs/{model,calibration,activations} for a tiny 3-layer Mixtral (8 experts, top-2)."""
+def write_upstream(root: Path, *, model_fingerprint: str | None = None) -> dict[str, torch.Tensor]:
+    """outputs/{model,calibration/<set>,activations} for a tiny 3-layer Mixtral (8 experts, top-2);
+    returns each calibration set's tokens."""
     out = root / "outputs"
     ckpt = save_tiny_checkpoint(out / "model" / "checkpoint", layers=3, seed=11)
     manifest = build_manifest("tiny", ckpt, None)
     manifest.save(out / "model" / "manifest.json")
-    write_json(out / "model" / "run.json", {"run_id": None})
     gen = torch.Generator().manual_seed(0)
-    for name in ("general", "arith"):
-        ids = torch.randint(0, 320, (SAMPLES, SEQ_LEN), generator=gen)
-        save_tensors(out / "calibration" / f"{name}.safetensors", {"input_ids": ids})
-    write_json(out / "calibration" / "run.json", {"run_id": None})
+    sets = {name: torch.randint(0, 320, (SAMPLES, SEQ_LEN), generator=gen) for name in ("general", "arith")}
+    fingerprints = {name: json.loads((write_calibration_set(root, name, ids) / "manifest.json").read_text())["fingerprint"]
+                    for name, ids in sets.items()}
     model = load_model(ckpt)
     adapter = get_adapter(model.config)
-    ids = load_tensors(out / "calibration" / "general.safetensors")["input_ids"]
     files: dict[str, Any] = {}
-    for step in stream_layers(model, adapter, ids, batch_size=2, device=torch.device("cpu"), progress=False):
+    for step in stream_layers(model, adapter, sets["general"], batch_size=2, device=torch.device("cpu"), progress=False):
         if step.block is None:
             continue
         rel = f"layers/layer_{step.index:03d}.safetensors"
@@ -55,7 +49,7 @@ def write_upstream(root: Path, *, model_fingerprint: str | None = None) -> None:
     write_json(out / "activations" / "manifest.json", {
         "model_fingerprint": model_fingerprint or manifest.fingerprint,
         "calibration": "general",
-        "calibration_fingerprint": sha256_file(out / "calibration" / "general.safetensors"),
+        "calibration_fingerprint": fingerprints["general"],
         "dtype": "float32",
         "num_samples": SAMPLES,
         "seq_len": SEQ_LEN,
@@ -63,29 +57,25 @@ def write_upstream(root: Path, *, model_fingerprint: str | None = None) -> None:
         "moe_layers": [int(i) for i in files],
         "files": files,
     })
-    write_json(out / "activations" / "run.json", {"run_id": None})
+    write_run_records(root, "model", "activations")
+    return sets
 
 
 def write_params(root: Path, **search: Any) -> None:
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["model"]["source"] = str(root / "outputs" / "model" / "checkpoint")
-    params["tracking"]["experiment"] = "search-test"
-    for cs in params["calibration"]["sets"].values():
-        cs.update(num_samples=SAMPLES, seq_len=SEQ_LEN)
-    params["search"].update({"r": 4, **search})
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
-
-
-def run_stage(root: Path) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=str(REPO), MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}",
-               HF_HUB_OFFLINE="1", PARAMS_FILE=str(root / "params.yaml"))
-    return subprocess.run([sys.executable, "-m", "stages.search"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    """dvc.yaml and the repo's params.yaml in ``root``, pointed at the tiny checkpoint and sets."""
+    size = {"num_samples": SAMPLES, "seq_len": SEQ_LEN}
+    stage_dir_project(root, {
+        "model": {"source": str(root / "outputs" / "model" / "checkpoint")},
+        "tracking": {"experiment": "search-test"},
+        "calibration": {"sets": {"general": size, "arith": size}},
+        "search": {"r": 4, **search},
+    })
 
 
 def test_stage_writes_selection_tables_plots_metrics_and_mlflow_run(tmp_path: Path) -> None:
-    write_upstream(tmp_path)
     write_params(tmp_path)
-    proc = run_stage(tmp_path)
+    sets = write_upstream(tmp_path)
+    proc = run_stage(tmp_path, "search")
     assert proc.returncode == 0, proc.stderr
     assert "candidates per layer" in proc.stderr and "estimated" in proc.stderr
     out = tmp_path / "outputs" / "search"
@@ -98,8 +88,16 @@ def test_stage_writes_selection_tables_plots_metrics_and_mlflow_run(tmp_path: Pa
         assert set(layer["baselines"]) == {"frequency", "random", "reap"}
         assert all(layer["loss"] <= b["loss"] for b in layer["baselines"].values())
     assert len((out / "tables" / "candidates.csv").read_text().splitlines()) == 1 + 3 * 70
-    for name in ("loss_distribution.png", "usage_general.png", "usage_arith.png", "data/loss_chosen.json", "data/usage_arith.json"):
+    for name in ("loss_distribution.png", "usage.png", "data/loss_chosen.json", "data/usage.json"):
         assert (out / "plots" / name).is_file(), name
+    assert not list((out / "plots").glob("usage_*")) and not list((out / "plots" / "data").glob("usage_*"))
+    # Usage is the original model's routing on the search's own set (general), not on any other set.
+    model = load_model(tmp_path / "outputs" / "model" / "checkpoint")
+    layers, shares = usage_shares(routing_usage(model, get_adapter(model.config), model.config, sets["general"],
+                                                batch_size=2, device="cpu"))
+    rows = json.loads((out / "plots" / "data" / "usage.json").read_text())
+    assert [(r["layer"], r["expert"]) for r in rows] == [(layer, e) for layer in layers for e in range(8)] and layers == [0, 1, 2]
+    assert [r["share"] for r in rows] == pytest.approx(shares.reshape(-1).tolist())
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["loss"] == pytest.approx(sum(layer["loss"] for layer in sel["layers"]))
     assert set(metrics["layers"]["1"]) >= {"loss", "loss_frequency", "loss_random", "loss_reap", "candidates_evaluated"}
@@ -115,20 +113,26 @@ def test_stage_writes_selection_tables_plots_metrics_and_mlflow_run(tmp_path: Pa
     logged = {a.path for a in client.list_artifacts(run.info.run_id)} | {
         a.path for a in client.list_artifacts(run.info.run_id, "plots")
     }
-    assert {"selection.json", "plots/loss_distribution.png", "plots/usage_general.png"} <= logged
+    assert {"selection.json", "plots/loss_distribution.png", "plots/usage.png"} <= logged
 
 
 def test_progressive_stage_agrees_with_layerwise_on_layer_zero(tmp_path: Path) -> None:
-    write_upstream(tmp_path)
     write_params(tmp_path, mode="progressive", baselines=["frequency"])
-    assert run_stage(tmp_path).returncode == 0
+    write_upstream(tmp_path)
+    proc = run_stage(tmp_path, "search")
+    assert proc.returncode == 0, proc.stderr
     prog = json.loads((tmp_path / "outputs" / "search" / "selection.json").read_text())
+    prog_usage = json.loads((tmp_path / "outputs" / "search" / "plots" / "data" / "usage.json").read_text())
     write_params(tmp_path, baselines=["frequency"])
-    assert run_stage(tmp_path).returncode == 0
+    proc = run_stage(tmp_path, "search")
+    assert proc.returncode == 0, proc.stderr
     flat = json.loads((tmp_path / "outputs" / "search" / "selection.json").read_text())
     assert prog["mode"] == "progressive" and flat["mode"] == "layerwise"
     assert prog["layers"][0]["kept"] == flat["layers"][0]["kept"]
     assert prog["layers"][0]["loss"] == pytest.approx(flat["layers"][0]["loss"], rel=1e-6)
+    # Both modes plot the original model's usage on the same set: the same shares.
+    flat_usage = json.loads((tmp_path / "outputs" / "search" / "plots" / "data" / "usage.json").read_text())
+    assert [r["share"] for r in prog_usage] == pytest.approx([r["share"] for r in flat_usage])
 
 
 @pytest.mark.parametrize(
@@ -142,9 +146,9 @@ def test_progressive_stage_agrees_with_layerwise_on_layer_zero(tmp_path: Path) -
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, search: dict[str, Any], fingerprint: str | None, expected: str) -> None:
-    write_upstream(tmp_path, model_fingerprint=fingerprint)
     write_params(tmp_path, **search)
-    proc = run_stage(tmp_path)
+    write_upstream(tmp_path, model_fingerprint=fingerprint)
+    proc = run_stage(tmp_path, "search")
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and expected in lines[0], proc.stderr
@@ -153,10 +157,15 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, search: dict[s
 
 
 def test_missing_calibration_file_names_the_param(tmp_path: Path) -> None:
-    write_upstream(tmp_path)
-    (tmp_path / "outputs" / "calibration" / "arith.safetensors").unlink()
     write_params(tmp_path, calibration="arith")
-    proc = run_stage(tmp_path)
-    assert proc.returncode == 2
-    assert "error: search: search.calibration:" in proc.stderr and "arith.safetensors does not exist" in proc.stderr
+    write_upstream(tmp_path)
+    missing = tmp_path / "outputs" / "calibration" / "arith" / "input_ids.safetensors"
+    missing.unlink()  # the set's run.json stays: the stage itself must notice
+    proc = run_stage(tmp_path, "search")
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert lines == [
+        f"error: search: search.calibration: calibration set 'arith' is not built ({Path('outputs/calibration/arith/input_ids.safetensors')} "
+        "is missing); check calibration.sets.arith and run dvc repro calibration@arith"
+    ], proc.stderr
     assert not (tmp_path / "outputs" / "search").exists()
