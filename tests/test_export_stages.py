@@ -3,50 +3,39 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
+from pipeline.calibration import load_calibration_set
 from pipeline.export import Selection, export_pruned
-from pipeline.io import load_tensors, save_tensors, sha256_file, write_json
+from pipeline.io import save_tensors, sha256_file, write_json
 from pipeline.models import get_adapter
 from pipeline.models.loading import build_manifest, load_model
 from tests.factory import save_tiny_checkpoint
+from tests.project import read_params, run_stage, set_params, stage_dir_project, write_calibration_set, write_run_records
 from tests.test_export import cached_inputs, selection_dict
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
 def _project(tmp_path: Path) -> Path:
-    """A project directory with the upstream outputs the two stages read."""
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["tracking"]["experiment"] = "test-export"
-    params["runtime"]["device"] = "cpu"
-    params["export"]["max_shard_size"] = "100KB"
-    params["skip"]["batch_size"] = 4
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    out = tmp_path / "outputs"
+    """A bare stage folder with the upstream outputs the two stages read (their run.json included)."""
+    project = stage_dir_project(tmp_path, {
+        "tracking": {"experiment": "test-export"},
+        "runtime": {"device": "cpu"},
+        "export": {"max_shard_size": "100KB"},
+        "skip": {"batch_size": 4},
+    })
+    out = project / "outputs"
     checkpoint = save_tiny_checkpoint(out / "model" / "checkpoint")
     manifest = build_manifest("embedded", checkpoint, None)
     manifest.save(out / "model" / "manifest.json")
     ids = torch.randint(0, 320, (8, 32), generator=torch.Generator().manual_seed(0))
-    save_tensors(out / "calibration" / "general.safetensors", {"input_ids": ids})
-    for stage in ("model", "calibration", "search", "activations"):
-        write_json(out / stage / "run.json", {"stage": stage, "run_id": None})
-    return tmp_path
-
-
-def _run(project: Path, stage: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
-    return subprocess.run(
-        [sys.executable, "-m", f"stages.{stage}"], cwd=project, env=env, capture_output=True, text=True, timeout=600
-    )
+    write_calibration_set(project, "general", ids)
+    write_run_records(project, "model", "search", "activations")
+    return project
 
 
 def test_skip_calibration_stage(tmp_path: Path) -> None:
@@ -58,9 +47,9 @@ def test_skip_calibration_stage(tmp_path: Path) -> None:
     selection = Selection.from_dict(selection_dict(model, r=6, model_fingerprint=manifest["fingerprint"]))
     fingerprint = manifest["fingerprint"]
     export_pruned(model, adapter, selection, out / "export" / "model", source_fingerprint=fingerprint, progress=False)
-    write_json(out / "export" / "run.json", {"stage": "export", "run_id": None})
+    write_run_records(project, "export")
 
-    result = _run(project, "skip_calibration")
+    result = run_stage(project, "skip_calibration")
     assert result.returncode == 0, result.stderr[-3000:]
     thresholds = json.loads((out / "skip" / "thresholds.json").read_text())
     assert set(thresholds["pruned"]) == set(thresholds["original"]) == {"0", "1"}
@@ -75,25 +64,39 @@ def test_skip_calibration_stage(tmp_path: Path) -> None:
     assert metrics["beta/pruned/layer_0"] == thresholds["pruned"]["0"]
     assert (out / "skip" / "run.json").is_file()
 
-    # a calibration set that does not exist: one line naming the key, previous outputs untouched
-    params = yaml.safe_load((project / "params.yaml").read_text())
+    # a calibration set whose stage never ran: one line naming the stage to run, previous outputs untouched
+    params = read_params(project)
     params["calibration"]["sets"]["other"] = params["calibration"]["sets"]["general"]
     params["skip"]["calibration"] = "other"
-    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    set_params(project, params)
     before = sha256_file(out / "skip" / "thresholds.json")
-    result = _run(project, "skip_calibration")
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith("error: skip_calibration: skip.calibration:")
+    result = run_stage(project, "skip_calibration")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: skip_calibration: outputs/calibration/other/run.json does not exist: "
+        "run the 'calibration@other' stage first (dvc repro calibration@other)"
+    )
+    assert sha256_file(out / "skip" / "thresholds.json") == before
+    # ... and one whose stage ran but whose tokens are gone: one line naming the key
+    (out / "calibration" / "other").mkdir()
+    (out / "calibration" / "other" / "run.json").write_text('{"stage": "calibration@other", "run_id": null}\n')
+    result = run_stage(project, "skip_calibration")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: skip_calibration: skip.calibration: calibration set 'other' is not built "
+        "(outputs/calibration/other/input_ids.safetensors is missing); "
+        "check calibration.sets.other and run dvc repro calibration@other"
+    )
     assert sha256_file(out / "skip" / "thresholds.json") == before
 
 
 def test_export_stage(tmp_path: Path) -> None:
-    pytest.importorskip("pipeline.activations", reason="the activations cache module lands with the activations stage")
     project = _project(tmp_path)
     out = project / "outputs"
     manifest = json.loads((out / "model" / "manifest.json").read_text())
     model = load_model(out / "model" / "checkpoint")
-    ids = load_tensors(out / "calibration" / "general.safetensors")["input_ids"]
+    calib = load_calibration_set(out / "calibration" / "general", "general")
+    ids = calib.input_ids
     xs = cached_inputs(model, ids)
     files = {}
     for i, x in xs.items():
@@ -102,13 +105,13 @@ def test_export_stage(tmp_path: Path) -> None:
         files[str(i)] = {"file": f"layers/{path.name}", "sha256": sha256_file(path)}
     write_json(
         out / "activations" / "manifest.json",
-        {"model_fingerprint": manifest["fingerprint"], "calibration": "general", "calibration_fingerprint": "",
+        {"model_fingerprint": manifest["fingerprint"], "calibration": "general", "calibration_fingerprint": calib.fingerprint,
          "dtype": "float32", "num_samples": 8, "seq_len": 32, "hidden_size": 32, "moe_layers": [0, 1], "files": files},
     )
     data = selection_dict(model, r=6, model_fingerprint=manifest["fingerprint"])
     write_json(out / "search" / "selection.json", data)
 
-    result = _run(project, "export")
+    result = run_stage(project, "export")
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((out / "export" / "metrics.json").read_text())
     assert metrics["params_after"] < metrics["params_before"]
@@ -118,6 +121,6 @@ def test_export_stage(tmp_path: Path) -> None:
 
     data["model_fingerprint"] = "0000000000000000"
     write_json(out / "search" / "selection.json", data)
-    result = _run(project, "export")
-    assert result.returncode == 2
+    result = run_stage(project, "export")
+    assert result.returncode == 2, result.stderr[-3000:]
     assert "made for model 0000000000000000" in result.stderr.strip().splitlines()[-1]
