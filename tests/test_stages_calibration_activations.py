@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from pipeline.activations import ActivationCache
 from pipeline.calibration import load_calibration_set
+from pipeline.io import sha256_file
 from pipeline.models.loading import ModelManifest, build_manifest
 from tests.factory import save_tiny_checkpoint
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.project import run_stage, stage_dir_project, write_run_records
 
 pytestmark = pytest.mark.slow
 
@@ -40,10 +37,10 @@ def params(seq_len: int = 16, tracking: bool = True, arith_seq_len: int = 16) ->
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A working directory holding the corpus and model stages' outputs."""
+    """A bare stage folder holding the corpus and model stages' outputs."""
     from datasets import Dataset, DatasetDict
 
-    root = tmp_path_factory.mktemp("project")
+    root = stage_dir_project(tmp_path_factory.mktemp("project"), params())
     texts = {"prose": "The fox {i} jumps over the dog.", "code": "def f{i}(x):\n    return x\n", "arith": "{i} + 2 = {j}"}
     rows = [(t.format(i=i, j=i + 2), d) for i in range(40) for d, t in texts.items()]
     ds = Dataset.from_dict({"text": [r[0] for r in rows], "domain": [r[1] for r in rows], "source": ["test"] * len(rows)})
@@ -52,35 +49,29 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     checkpoint = save_tiny_checkpoint(root / "outputs/model/checkpoint", layers=3)
     build_manifest("embedded", checkpoint, None).save(root / "outputs/model/manifest.json")
-    for stage in ("corpus", "model"):
-        (root / f"outputs/{stage}/run.json").write_text(json.dumps({"run_id": None}))
+    write_run_records(root, "corpus", "model")
     return root
 
 
-def run_stage(root: Path, name: str, p: dict) -> subprocess.CompletedProcess[str]:
-    (root / "params.yaml").write_text(yaml.safe_dump(p))
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
-        "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "HF_DATASETS_CACHE": str(root / ".hf-datasets"),
-    }
-    return subprocess.run(
-        [sys.executable, "-m", f"stages.{name}"], cwd=root, env=env, capture_output=True, text=True, timeout=300
-    )
+def run(root: Path, stage: str, p: dict) -> subprocess.CompletedProcess[str]:
+    """``stage`` in ``root`` with ``p`` merged into the repo's params.yaml."""
+    stage_dir_project(root, p)
+    return run_stage(root, stage, timeout=300, HF_DATASETS_CACHE=str(root / ".hf-datasets"))
 
 
 def test_calibration_then_activations(project: Path) -> None:
-    done = run_stage(project, "calibration", params())
-    assert done.returncode == 0, done.stderr
     out = project / "outputs/calibration"
-    assert {"general.safetensors", "general.json", "arith.safetensors", "arith.json", "run.json"} <= {p.name for p in out.iterdir()}
-    arith = load_calibration_set(out, "arith")
-    assert tuple(arith.input_ids.shape) == (4, 16)
+    for name, shape in (("general", (6, 16)), ("arith", (4, 16))):
+        done = run(project, f"calibration@{name}", params())
+        assert done.returncode == 0, done.stderr
+        assert {"input_ids.safetensors", "manifest.json", "run.json", "metrics.json"} <= {p.name for p in (out / name).iterdir()}
+        assert json.loads((out / name / "run.json").read_text())["stage"] == f"calibration@{name}"
+        data = load_calibration_set(out / name, name)
+        assert tuple(data.input_ids.shape) == shape and data.manifest["name"] == name
+    assert sorted(p.name for p in out.iterdir()) == ["arith", "general"]  # one folder per set, nothing else
+    arith = load_calibration_set(out / "arith", "arith")
 
-    done = run_stage(project, "activations", params())
+    done = run(project, "activations", params())
     assert done.returncode == 0, done.stderr
     manifest = ModelManifest.load(project / "outputs/model/manifest.json")
     cache = ActivationCache(project / "outputs/activations", expected_model_fingerprint=manifest.fingerprint)
@@ -100,12 +91,27 @@ def test_calibration_then_activations(project: Path) -> None:
     assert [m.step for m in client.get_metric_history(run_id, "layer.tokens_per_s")] == [0, 1, 2]
 
 
+def tree(folder: Path) -> dict[str, str]:
+    """``relative path -> sha256`` of every file under ``folder``."""
+    return {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def test_calibration_seq_len_above_model_maximum(project: Path) -> None:
-    before = sorted(p.name for p in (project / "outputs").iterdir())
-    done = run_stage(project, "calibration", params(seq_len=200, tracking=False, arith_seq_len=8))
+    out = project / "outputs"
+    before = sorted(p.name for p in out.iterdir())
+    calibration = tree(out / "calibration")
+    done = run(project, "calibration@general", params(seq_len=200, tracking=False, arith_seq_len=8))
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == (
-        "error: calibration: calibration.sets.general.seq_len: 200 exceeds the model's max_position_embeddings=128"
+        "error: calibration@general: calibration.sets.general.seq_len: 200 exceeds the model's max_position_embeddings=128"
     )
-    assert sorted(p.name for p in (project / "outputs").iterdir()) == before
-    assert not list((project / "outputs").glob("calibration.tmp-*"))
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert tree(out / "calibration") == calibration  # nothing written, the set built earlier untouched
+    assert not list((out / "calibration").glob("general.tmp-*"))
+    # One stage per set: the other set builds with the same params.yaml and touches only its own folder.
+    done = run(project, "calibration@arith", params(seq_len=200, tracking=False, arith_seq_len=8))
+    assert done.returncode == 0, done.stderr
+    assert tuple(load_calibration_set(out / "calibration" / "arith", "arith").input_ids.shape) == (4, 8)
+    assert {k: v for k, v in tree(out / "calibration").items() if k.startswith("general/")} == {
+        k: v for k, v in calibration.items() if k.startswith("general/")
+    }
