@@ -47,8 +47,9 @@ from pipeline.evaluate.tasks import (
 from pipeline.io import dumps_json
 from pipeline.models import get_adapter
 from tests.factory import save_tiny_checkpoint, tiny_model, tiny_tokenizer
+from tests.project import env as project_env
+from tests.project import run_stage, stage_dir_project, write_run_records
 
-REPO = Path(__file__).resolve().parents[1]
 WORDS = "the quick brown fox jumps over lazy dog def return value list range print sum 12 35 47 + = x y".split()
 
 
@@ -340,8 +341,7 @@ def test_report_has_paper_layout_and_plots(tmp_path):
 
 
 def test_skip_variants_evaluate_and_count_fewer_experts(tmp_path):
-    """All four variants through the runner (needs pipeline.skipping; runs once it is merged)."""
-    pytest.importorskip("pipeline.skipping")
+    """All four variants through the runner."""
     from pipeline.evaluate.runner import (
         BenchmarkSettings,
         SpeedSettings,
@@ -383,11 +383,13 @@ def test_build_variants_errors(tmp_path):
     assert [v.checkpoint.name for v in variants] == ["a", "b"] and not any(v.skip for v in variants)
 
 
-def _fake_upstream(root: Path) -> None:
-    """Upstream outputs in the documented formats, from tiny random checkpoints."""
+def _fake_upstream(root: Path, override: dict) -> None:
+    """A bare stage folder (dvc.yaml, params.yaml with ``override``) holding the upstream outputs in
+    the documented formats, from tiny random checkpoints, and each upstream stage's run.json."""
     from pipeline.io import write_json
     from pipeline.models.loading import build_manifest
 
+    stage_dir_project(root, override)
     out = root / "outputs"
     original = save_tiny_checkpoint(out / "model" / "checkpoint", seed=0)
     save_tiny_checkpoint(out / "export" / "model", seed=0, num_experts=6)
@@ -403,26 +405,18 @@ def _fake_upstream(root: Path) -> None:
         out / "skip" / "thresholds.json",
         {"quantile": 0.5, "calibration": "general", "rule": "tail", "original": {"0": 0.5}, "pruned": {"0": 0.5}},
     )
-    for stage_dir in ("corpus", "model", "search", "export", "skip"):
-        write_json(out / stage_dir / "run.json", {"run_id": None})
+    write_run_records(root, "corpus", "model", "search", "export", "skip_calibration")
 
 
 @pytest.mark.slow
 def test_stage_end_to_end_with_mlflow_and_dvc(tmp_path):
     """The benchmark stage on tiny checkpoints: metrics file, report, MLflow child runs, dvc metrics/plots."""
-    import yaml
-
-    _fake_upstream(tmp_path)
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["benchmark"].update(variants=["original", "pruned"], batch_size=8)
-    params["benchmark"]["speed"].update(prompts=2, new_tokens=4, repeats=2, warmup=0)
-    params["runtime"]["device"] = "cpu"
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    (tmp_path / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())
-    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "stages.benchmark"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
+    _fake_upstream(tmp_path, {
+        "benchmark": {"variants": ["original", "pruned"], "batch_size": 8,
+                      "speed": {"prompts": 2, "new_tokens": 4, "repeats": 2, "warmup": 0}},
+        "runtime": {"device": "cpu"},
+    })
+    proc = run_stage(tmp_path, "benchmark", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     bench = tmp_path / "outputs" / "benchmark"
     metrics = json.loads((bench / "metrics.json").read_text())
@@ -447,7 +441,7 @@ def test_stage_end_to_end_with_mlflow_and_dvc(tmp_path):
 
     import mlflow
 
-    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     parent = json.loads((bench / "run.json").read_text())["run_id"]
     runs = mlflow.search_runs(
         search_all_experiments=True, filter_string=f"tags.mlflow.parentRunId = '{parent}'", output_format="list"
@@ -466,6 +460,7 @@ def test_stage_end_to_end_with_mlflow_and_dvc(tmp_path):
     assert "embedded_code_mc/acc" in by_name["original"].data.metrics
 
     dvc = [sys.executable, "-m", "dvc"]
+    env = project_env(tmp_path)
     subprocess.run([*dvc, "init", "--no-scm", "-q"], cwd=tmp_path, check=True, env=env)
     shown = subprocess.run(
         [*dvc, "metrics", "show", "--json"], cwd=tmp_path, env=env, capture_output=True, text=True, check=True
@@ -490,22 +485,13 @@ def test_stage_end_to_end_with_mlflow_and_dvc(tmp_path):
     ],
 )
 def test_stage_fails_with_one_line(tmp_path, tasks, expected):
-    import yaml
-
-    _fake_upstream(tmp_path)
+    _fake_upstream(tmp_path, {"benchmark": {"tasks": tasks, "variants": ["original"]}, "tracking": {"enabled": False}})
     if tasks == ["embedded"]:
         (tmp_path / "outputs" / "corpus" / "eval" / "prose_ppl.jsonl").unlink()
         expected += (
             f"{(tmp_path / 'outputs' / 'corpus' / 'eval' / 'prose_ppl.jsonl').resolve()}: embedded benchmark data"
         )
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["benchmark"].update(tasks=tasks, variants=["original"])
-    params["tracking"]["enabled"] = False
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "stages.benchmark"], cwd=tmp_path, env=env, capture_output=True, text=True
-    )
+    proc = run_stage(tmp_path, "benchmark")
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(expected), proc.stderr[-2000:]
