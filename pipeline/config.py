@@ -15,17 +15,41 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import PipelineError
+from pipeline.search.registry import BASELINE_NAMES, STRATEGY_NAMES
 
 EMBEDDED = "embedded"
 DOMAINS = ("prose", "code", "arith", "data")
-STRATEGIES = ("auto", "enumerate", "greedy", "beam", "evolutionary", "frequency", "random", "reap")
-BASELINES = ("frequency", "random", "reap")
 VARIANTS = ("original", "original_skip", "pruned", "pruned_skip")
 
 NonNegInt = Annotated[int, Field(ge=0)]
 PosInt = Annotated[int, Field(ge=1)]
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+StrategyName = Literal[STRATEGY_NAMES]  # type: ignore[valid-type]  # the strategy registry's names
+BaselineName = Literal[BASELINE_NAMES]  # type: ignore[valid-type]
+
+
+def validate_r(r: int, n: int | None = None, top_k: int | None = None, *, key: str = "search.r", keep_all: bool = False) -> None:
+    """Raise a one-line PipelineError unless ``r`` experts kept of ``n`` with top-``top_k`` routing is valid.
+
+    ``r`` must be positive, at least ``top_k`` and below ``n`` (at most ``n`` with ``keep_all``: an
+    export keeping every expert); a bound whose model value is None is not checked.
+    """
+    if r <= 0:
+        raise PipelineError(f"{key}: must be a positive number of experts to keep (got {r})")
+    if n is not None and r >= n + keep_all:
+        bound = "at most" if keep_all else "below"
+        raise PipelineError(f"{key}: must be {bound} the model's {n} experts (got {r})")
+    if top_k is not None and r < top_k:
+        raise PipelineError(f"{key}: must be at least the model's top_k={top_k} (got {r})")
+
+
+def _value_error(check: Any, *args: Any) -> None:
+    """Run ``check(*args)`` in a validator: its PipelineError becomes the ValueError pydantic reports."""
+    try:
+        check(*args)
+    except PipelineError as exc:
+        raise ValueError(str(exc)) from None
 
 
 class Section(BaseModel):
@@ -215,12 +239,12 @@ class SearchParams(Section):
 
     calibration: str = Field("general", min_length=1)
     r: int = 6
-    strategy: Literal["auto", "enumerate", "greedy", "beam", "evolutionary", "frequency", "random", "reap"] = "auto"
+    strategy: StrategyName = "auto"
     mode: Literal["layerwise", "progressive"] = "layerwise"
     enumerate_budget: PosInt = 100_000
     beam_width: PosInt = 4
     evolutionary: EvolutionaryParams = EvolutionaryParams()
-    baselines: list[Literal["frequency", "random", "reap"]] = Field(default_factory=lambda: list(BASELINES))
+    baselines: list[BaselineName] = Field(default_factory=lambda: list(BASELINE_NAMES))
     loss_batch_size: PosInt = 1
     token_chunk: PosInt = 8192
     verify: bool = True
@@ -229,8 +253,7 @@ class SearchParams(Section):
     @field_validator("r")
     @classmethod
     def _r(cls, v: int) -> int:
-        if v <= 0:
-            raise ValueError("must be a positive number of experts to keep")
+        _value_error(validate_r, v)
         return v
 
 
@@ -297,10 +320,7 @@ class Params(Section):
                 raise ValueError(f"{key}: calibration set {value!r} does not exist (defined: {', '.join(names)})")
         if self.model.source == EMBEDDED:
             emb = self.model.embedded
-            if self.search.r >= emb.num_experts:
-                raise ValueError(f"search.r: must be below the model's {emb.num_experts} experts (got {self.search.r})")
-            if self.search.r < emb.top_k:
-                raise ValueError(f"search.r: must be at least the model's top_k={emb.top_k} (got {self.search.r})")
+            _value_error(validate_r, self.search.r, emb.num_experts, emb.top_k)
             for name, cs in self.calibration.sets.items():
                 if cs.seq_len > emb.max_position_embeddings:
                     raise ValueError(

@@ -10,14 +10,14 @@ from __future__ import annotations
 from functools import partial
 
 from pipeline.activations import ActivationCache
+from pipeline.config import validate_r
 from pipeline.errors import PipelineError
 from pipeline.io import load_tensors, remove_path, sha256_file, write_json
 from pipeline.models import get_adapter
 from pipeline.models.loading import ModelManifest, checkpoint_fingerprint, load_model
 from pipeline.runtime import cuda_peak_bytes, dtype_name, resolve_device, resolve_dtype, seed_everything
 from pipeline.search import report
-from pipeline.search.run import LayerResult, SearchSettings, routing_usage, run_layerwise, run_progressive
-from pipeline.search.strategies import validate_r
+from pipeline.search.run import LayerResult, routing_usage, run_layerwise, run_progressive
 from stages.common import StageContext, stage, stage_dir
 
 #: Larger outputs are recorded in MLflow by path and hash instead of being copied.
@@ -28,7 +28,6 @@ MAX_ARTIFACT_BYTES = 50 << 20
 def main(ctx: StageContext) -> None:
     """Validate, search every MoE layer, write the selection with tables, plots and metrics."""
     p, runtime = ctx.params.search, ctx.params.runtime
-    settings = SearchSettings.from_params(p)
     manifest = ModelManifest.load(stage_dir("model") / "manifest.json")
     validate_r(p.r, manifest.num_experts, manifest.top_k)
     sets = {name: stage_dir("calibration") / f"{name}.safetensors" for name in ctx.params.calibration.sets}
@@ -60,9 +59,9 @@ def main(ctx: StageContext) -> None:
     batch_size = ctx.params.activations.batch_size
     ctx.run.log_params({"activations.batch_size": batch_size})
     usage_of = partial(routing_usage, model, adapter, model.config, batch_size=batch_size, device=device)
-    usage_sets = [n for n, path in sets.items() if path.is_file() and (n != p.calibration or settings.mode == "progressive")]
+    usage_sets = [n for n, path in sets.items() if path.is_file() and (n != p.calibration or p.mode == "progressive")]
     # Expert usage of the original model on each calibration set (progressive mode prunes the model: first).
-    usage = {n: usage_of(load_tensors(sets[n])["input_ids"]) for n in usage_sets} if settings.mode == "progressive" else {}
+    usage = {n: usage_of(load_tensors(sets[n])["input_ids"]) for n in usage_sets} if p.mode == "progressive" else {}
 
     resumed_layers: list[int] = []
     peaks: list[int] = []
@@ -78,17 +77,17 @@ def main(ctx: StageContext) -> None:
             peaks.append(peak)
         ctx.run.log_metrics(row, step=result.layer)  # a series over layers in the MLflow UI
 
-    if settings.mode == "layerwise":
-        results = run_layerwise(model, adapter, model.config, cache.layers, cache.load, settings,
+    if p.mode == "layerwise":
+        results = run_layerwise(model, adapter, model.config, cache.layers, cache.load, p,
                                 device=device, work_dir=work, on_layer=on_layer)
         usage = {n: usage_of(load_tensors(sets[n])["input_ids"]) for n in usage_sets}
         usage[p.calibration] = {r.layer: r.usage for r in results}
     else:
         input_ids = load_tensors(sets[p.calibration])["input_ids"]
-        results = run_progressive(model, adapter, model.config, input_ids, settings, batch_size=batch_size,
+        results = run_progressive(model, adapter, model.config, input_ids, p, batch_size=batch_size,
                                   device=device, work_dir=work, on_layer=on_layer)
 
-    doc = report.selection(results, settings, calibration=p.calibration, model_fingerprint=manifest.fingerprint,
+    doc = report.selection(results, p, calibration=p.calibration, model_fingerprint=manifest.fingerprint,
                            num_experts=manifest.num_experts, top_k=manifest.top_k)
     write_json(ctx.out / "selection.json", doc)
     files = report.write_tables(ctx.out / "tables", results)

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from pipeline.config import validate_r
 from pipeline.errors import PipelineError
 from pipeline.models.routing import RoutingRule
 
@@ -85,10 +86,8 @@ class MoEAdapter:
         return {self.num_experts_key: r}
 
     def check_r(self, config: Any, r: int) -> None:
-        """Raise unless ``top_k <= r <= n`` (``r`` experts kept per MoE layer)."""
-        n, k = self.num_experts(config), self.top_k(config)
-        if not k <= r <= n:
-            raise PipelineError(f"r={r}: must keep between top_k={k} and all {n} experts of a {self.family} layer")
+        """Raise unless a model with ``config`` can keep ``r`` experts per MoE layer (``top_k <= r <= n``)."""
+        validate_r(r, self.num_experts(config), self.top_k(config), key="r", keep_all=True)
 
     def pruned_config(self, config: Any, r: int) -> Any:
         """A copy of ``config`` for a model that keeps ``r`` experts per MoE layer."""
