@@ -28,7 +28,8 @@ from pipeline.errors import PipelineError
 from pipeline.io import load_tensors, read_json, save_tensors, write_json
 from pipeline.models.base import MoEAdapter
 from pipeline.search import registry
-from pipeline.search.reference import batch_outputs, reference_losses
+from pipeline.models.outputs import outputs_of
+from pipeline.search.reference import reference_losses
 from pipeline.search.scoring import CACHE_BYTES, LayerScorer
 from pipeline.search.strategies import LayerProblem
 from pipeline.streaming import layer_on_device, stream_layers
@@ -185,7 +186,7 @@ def verify_loss(
     loss and, for losses near zero (dropped experts almost never routed), to ``sum_b ||Z_b||``.
     """
     tokens = settings.loss_batch_size * seq_len
-    full = batch_outputs(adapter, block, x, tokens)
+    full = outputs_of(adapter, block, x, tokens)
     direct = float(reference_losses(adapter, block, config, x, [list(kept)], tokens_per_batch=tokens, layer_idx=layer, full=full)[0])
     dtype = next(block.parameters()).dtype
     rtol = VERIFY_RTOL.get(dtype, VERIFY_RTOL_LOW_PRECISION)
