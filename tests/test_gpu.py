@@ -114,8 +114,8 @@ def test_peak_gpu_memory_of_activations_and_search_does_not_grow_with_depth(tmp_
         ids = _ids(n=4, length=32)
         torch.cuda.empty_cache()
         cuda_peak_bytes(CUDA)
-        run = cache_activations(model, adapter, ids, work_dir=tmp_path / f"w{layers}{offload}", batch_size=2,
-                                device=CUDA, progress=False)
+        run = cache_activations(model, adapter, ids, work_dir=tmp_path / f"w{layers}{offload}", dtype=torch.float32,
+                                batch_size=2, device=CUDA, progress=False)
         from safetensors.torch import load_file
 
         load = lambda i: load_file(run.files[i])["x"]  # noqa: E731
