@@ -38,12 +38,7 @@ EVAL = CorpusEvalParams(
     ppl_doc_chars=200,
 )
 SMALL = CorpusParams(
-    domains=list(ALL),
-    seed=7,
-    max_chars_per_domain=24_000,
-    doc_chars=400,
-    validation_fraction=0.1,
-    test_fraction=0.15,
+    domains=list(ALL), seed=7, max_chars_per_domain=24_000, doc_chars=400, validation_fraction=0.1, test_fraction=0.15,
     eval=EVAL,
 )
 
