@@ -37,7 +37,8 @@ def child(layers: int, samples: int, seq_len: int, hidden: int, batch_size: int)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     with tempfile.TemporaryDirectory() as work:
         run = cache_activations(
-            model, get_adapter(model.config), ids, work_dir=work, batch_size=batch_size, progress=False
+            model, get_adapter(model.config), ids, work_dir=work, dtype=torch.float32, batch_size=batch_size,
+            progress=False,
         )
         shard = run.files[run.moe_layers[0]].stat().st_size
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -40,7 +40,8 @@ from pipeline.evaluate.memory import weight_bytes  # noqa: E402
 from pipeline.evaluate.speed import SpeedCase, measure_speed  # noqa: E402
 from pipeline.models import get_adapter  # noqa: E402
 from pipeline.runtime import resolve_device, resolve_dtype  # noqa: E402
-from pipeline.search.baselines import select  # noqa: E402
+from pipeline.export import Selection, prune_model  # noqa: E402
+from pipeline.search.baselines import frequency  # noqa: E402
 from pipeline.search.run import routing_usage  # noqa: E402
 from pipeline.search.scoring import RoutingStats  # noqa: E402
 from pipeline.skipping import calibrate_thresholds  # noqa: E402
@@ -77,9 +78,9 @@ def prune_by_frequency(model: Any, r: int, calib: torch.Tensor, device: torch.de
     kept = {}
     for layer, counts in usage.items():
         stats = RoutingStats(counts=torch.tensor(counts), reap_sum=torch.zeros(len(counts), dtype=torch.float64), tokens=0)
-        kept[layer] = select("frequency", stats, len(counts), r, 0, layer)
+        kept[layer] = frequency(stats, r)
     pruned = copy.deepcopy(model)
-    adapter.prune_model(pruned, kept)
+    prune_model(pruned, adapter, Selection.of(pruned, adapter, kept, "frequency"), progress=False)
     return pruned.eval()
 
 

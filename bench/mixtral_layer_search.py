@@ -41,7 +41,8 @@ import torch  # noqa: E402
 from pipeline.models import get_adapter  # noqa: E402
 from pipeline.runtime import cuda_peak_bytes, resolve_device, resolve_dtype  # noqa: E402
 from pipeline.search.reference import reference_losses  # noqa: E402
-from pipeline.search.run import SearchSettings, search_layer  # noqa: E402
+from pipeline.config import SearchParams  # noqa: E402
+from pipeline.search.run import search_layer  # noqa: E402
 from pipeline.search.scoring import LayerScorer  # noqa: E402
 from pipeline.search.strategies import enumerate_all  # noqa: E402
 
@@ -149,7 +150,7 @@ def main() -> int:
         scorer.close()
         return enumerate_all(kept, losses).kept, kept, losses
 
-    settings = SearchSettings(r=args.r, strategy="enumerate", token_chunk=args.token_chunk)
+    settings = SearchParams(r=args.r, strategy="enumerate", token_chunk=args.token_chunk)
 
     dense()  # warm-up: kernels, allocator, thread pool
     t_dense, _ = timed(dense, args.repeats, device)

@@ -67,7 +67,8 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     from pipeline.models import get_adapter
     from pipeline.models.loading import load_model
     from pipeline.runtime import cuda_peak_bytes, resolve_device, resolve_dtype
-    from pipeline.search.run import SearchSettings, run_layerwise
+    from pipeline.config import SearchParams
+    from pipeline.search.run import run_layerwise
 
     from pipeline.evaluate.memory import PeakMemory
 
@@ -95,7 +96,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
                 layer_peaks.append(peak)
 
         results = run_layerwise(model, adapter, model.config, run.moe_layers, lambda i: load_file(run.files[i])["x"],
-                                SearchSettings(r=4, strategy="enumerate"), device=device, on_layer=on_layer)
+                                SearchParams(r=4, strategy="enumerate"), device=device, on_layer=on_layer)
     mem.__exit__(None, None, None)
     return {
         "layers": len(adapter.decoder_layers(model)),

@@ -15,17 +15,43 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import PipelineError
+from pipeline.search.registry import BASELINE_NAMES, STRATEGY_NAMES
 
 EMBEDDED = "embedded"
 DOMAINS = ("prose", "code", "arith", "data")
-STRATEGIES = ("auto", "enumerate", "greedy", "beam", "evolutionary", "frequency", "random", "reap")
-BASELINES = ("frequency", "random", "reap")
 VARIANTS = ("original", "original_skip", "pruned", "pruned_skip")
 
 NonNegInt = Annotated[int, Field(ge=0)]
 PosInt = Annotated[int, Field(ge=1)]
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+StrategyName = Literal[STRATEGY_NAMES]  # type: ignore[valid-type]  # the strategy registry's names
+BaselineName = Literal[BASELINE_NAMES]  # type: ignore[valid-type]
+
+
+def validate_r(
+    r: int, n: int | None = None, top_k: int | None = None, *, key: str = "search.r", keep_all: bool = False
+) -> None:
+    """Raise a one-line PipelineError unless ``r`` experts kept of ``n`` with top-``top_k`` routing is valid.
+
+    ``r`` must be positive, at least ``top_k`` and below ``n`` (at most ``n`` with ``keep_all``: an
+    export keeping every expert); a bound whose model value is None is not checked.
+    """
+    if r <= 0:
+        raise PipelineError(f"{key}: must be a positive number of experts to keep (got {r})")
+    if n is not None and r >= n + keep_all:
+        bound = "at most" if keep_all else "below"
+        raise PipelineError(f"{key}: must be {bound} the model's {n} experts (got {r})")
+    if top_k is not None and r < top_k:
+        raise PipelineError(f"{key}: must be at least the model's top_k={top_k} (got {r})")
+
+
+def _value_error(check: Any, *args: Any) -> None:
+    """Run ``check(*args)`` in a validator: its PipelineError becomes the ValueError pydantic reports."""
+    try:
+        check(*args)
+    except PipelineError as exc:
+        raise ValueError(str(exc)) from None
 
 
 class Section(BaseModel):
@@ -37,18 +63,31 @@ class Section(BaseModel):
 class TrackingParams(Section):
     """MLflow settings (the tracking URI comes from MLFLOW_TRACKING_URI, else the repo's SQLite store)."""
 
-    experiment: str = Field("moe-expert-pruning", min_length=1)
-    enabled: bool = True
+    experiment: str = Field(
+        "moe-expert-pruning",
+        min_length=1,
+        description="MLflow experiment; the store is MLFLOW_TRACKING_URI or ./mlflow.db",
+    )
+    enabled: bool = Field(True, description="false: no MLflow runs (stages still write run.json)")
 
 
 class RuntimeParams(Section):
     """Where and in which precision models run."""
 
-    device: str = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    trust_remote_code: bool = False
-    threads: NonNegInt = 0
-    offload: Literal["auto", "none", "layers"] = "auto"
+    device: str = Field("auto", description="auto (CUDA when present) | cpu | cuda | cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16",
+    )
+    trust_remote_code: bool = Field(False, description="let transformers run a model repo's own code (warns when true)")
+    threads: NonNegInt = Field(0, description="CPU threads for torch; 0 = torch's default")
+    offload: Literal["auto", "none", "layers"] = Field(
+        "auto",
+        description=(
+            "layers: decoder layers stay in the checkpoint and are read one at a time (activations, search, "
+            "skip_calibration); auto: when the weights exceed half the free RAM; none"
+        ),
+    )
 
     @field_validator("device")
     @classmethod
@@ -61,11 +100,14 @@ class RuntimeParams(Section):
 class CorpusEvalParams(Section):
     """Held-out benchmark data written by the corpus stage."""
 
-    mc_items_per_domain: PosInt = 150
+    mc_items_per_domain: PosInt = Field(
+        150,
+        description="multiple-choice items: true continuation / correct result vs distractors",
+    )
     mc_choices: Annotated[int, Field(ge=2, le=8)] = 4
     context_chars: Annotated[int, Field(ge=16)] = 160
     continuation_chars: Annotated[int, Field(ge=8)] = 60
-    ppl_docs_per_domain: PosInt = 24
+    ppl_docs_per_domain: PosInt = Field(24, description="documents for per-domain rolling perplexity")
     ppl_doc_chars: Annotated[int, Field(ge=32)] = 600
 
 
@@ -73,9 +115,15 @@ class CorpusParams(Section):
     """The offline multi-domain corpus."""
 
     seed: Seed = 1234
-    domains: list[Literal["prose", "code", "arith", "data"]] = Field(default_factory=lambda: ["prose", "code", "arith"])
-    max_chars_per_domain: Annotated[int, Field(ge=10_000)] = 1_000_000
-    doc_chars: Annotated[int, Field(ge=64)] = 1200
+    domains: list[Literal["prose", "code", "arith", "data"]] = Field(
+        default_factory=lambda: ["prose", "code", "arith"],
+        description="prose (Python docs and docstrings), code (stdlib source), arith, data",
+    )
+    max_chars_per_domain: Annotated[int, Field(ge=10_000)] = Field(
+        1_000_000,
+        description="at most this many characters per domain (prose has about 1.8M in all)",
+    )
+    doc_chars: Annotated[int, Field(ge=64)] = Field(1200, description="documents are cut to about this many characters")
     validation_fraction: Annotated[float, Field(gt=0.0, lt=0.5)] = 0.05
     test_fraction: Annotated[float, Field(gt=0.0, lt=0.5)] = 0.05
     eval: CorpusEvalParams = CorpusEvalParams()
@@ -91,29 +139,47 @@ class CorpusParams(Section):
 class TrainParams(Section):
     """Training of the embedded model."""
 
-    seq_len: Annotated[int, Field(ge=8)] = 128
-    batch_size: PosInt = 16
-    steps: PosInt = 900
-    lr: Annotated[float, Field(gt=0.0, lt=1.0)] = 3e-3
-    warmup_steps: NonNegInt = 60
-    weight_decay: Annotated[float, Field(ge=0.0)] = 0.01
-    router_aux_loss_coef: Annotated[float, Field(ge=0.0)] = 0.01
-    eval_tokens_per_domain: PosInt = 16384
-    seed: Seed = 0
+    seq_len: Annotated[int, Field(ge=8)] = Field(128, description="tokens per packed training sequence")
+    batch_size: PosInt = Field(16, description="sequences per step (also per evaluation batch)")
+    steps: PosInt = Field(900, description="900 x 16 x 128 = 1.8M tokens: ~3 min at ~10k tokens/s on 2 quiet cores")
+    lr: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(3e-3, description="peak learning rate")
+    warmup_steps: NonNegInt = Field(60, description="linear warmup, then cosine decay to 10% of lr")
+    weight_decay: Annotated[float, Field(ge=0.0)] = Field(0.01, description="on matrices only")
+    router_aux_loss_coef: Annotated[float, Field(ge=0.0)] = Field(
+        0.01,
+        description="weight of the router load-balancing loss",
+    )
+    eval_tokens_per_domain: PosInt = Field(
+        16384,
+        description="validation tokens per domain for perplexity and routing plots",
+    )
+    seed: Seed = Field(0, description="initialisation and batch order")
 
 
 class EmbeddedModelParams(Section):
     """Shape of the small MoE the pipeline trains when ``model.source`` is ``embedded``."""
 
-    architecture: Literal["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v3"] = "mixtral"
-    vocab_size: Annotated[int, Field(ge=260)] = 4096
+    architecture: Literal["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v3"] = Field(
+        "mixtral",
+        description=(
+            "mixtral | qwen3_moe | olmoe | qwen2_moe | deepseek_v3 (same sizes; qwen2_moe/deepseek_v3 add a shared "
+            "expert, deepseek_v3 a dense first layer)"
+        ),
+    )
+    vocab_size: Annotated[int, Field(ge=260)] = Field(
+        4096,
+        description="byte-level BPE entries, <|endoftext|> included",
+    )
     hidden_size: Annotated[int, Field(ge=8)] = 128
-    intermediate_size: PosInt = 256
+    intermediate_size: PosInt = Field(256, description="per expert (and of shared experts / dense layers)")
     num_layers: PosInt = 4
     num_heads: PosInt = 4
-    num_kv_heads: PosInt = 2
-    num_experts: Annotated[int, Field(ge=2)] = 8
-    top_k: PosInt = 2
+    num_kv_heads: PosInt = Field(
+        2,
+        description="grouped-query attention (deepseek_v3 uses latent attention and ignores it)",
+    )
+    num_experts: Annotated[int, Field(ge=2)] = Field(8, description="routed experts per MoE layer")
+    top_k: PosInt = Field(2, description="experts per token")
     max_position_embeddings: Annotated[int, Field(ge=16)] = 512
     train: TrainParams = TrainParams()
 
@@ -129,8 +195,12 @@ class EmbeddedModelParams(Section):
 class ModelParams(Section):
     """Which model the pipeline prunes: the embedded toy model, a hub id or a local directory."""
 
-    source: str = Field(EMBEDDED, min_length=1)
-    revision: str = "main"
+    source: str = Field(
+        EMBEDDED,
+        min_length=1,
+        description="embedded (trained here) | hub id (mistralai/Mixtral-8x7B-v0.1) | local directory",
+    )
+    revision: str = Field("main", description="hub revision when source is a hub id")
     embedded: EmbeddedModelParams = EmbeddedModelParams()
 
 
@@ -182,7 +252,7 @@ class CalibrationSet(Section):
 class CalibrationParams(Section):
     """Named calibration sets; later stages choose one by name."""
 
-    seed: Seed = 42
+    seed: Seed = Field(42, description="paper: C4 English, 128 x 2048 tokens, seed 42 (see docs/tutorial.md)")
     sets: dict[str, CalibrationSet] = Field(min_length=1)
 
     @field_validator("sets")
@@ -197,8 +267,11 @@ class CalibrationParams(Section):
 class ActivationsParams(Section):
     """Caching of every MoE block's input on the calibration tokens."""
 
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    batch_size: PosInt = 8
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="dtype of the cached MoE inputs on disk",
+    )
+    batch_size: PosInt = Field(8, description="sequences per forward pass")
 
 
 class EvolutionaryParams(Section):
@@ -207,71 +280,116 @@ class EvolutionaryParams(Section):
     population: Annotated[int, Field(ge=2)] = 16
     mutation: Fraction = 0.15
     crossover: Fraction = 0.3
-    budget: PosInt = 400
+    budget: PosInt = Field(400, description="candidates evaluated in all")
 
 
 class SearchParams(Section):
     """Which ``r`` of the ``n`` experts each MoE layer keeps."""
 
-    calibration: str = Field("general", min_length=1)
-    r: int = 6
-    strategy: Literal["auto", "enumerate", "greedy", "beam", "evolutionary", "frequency", "random", "reap"] = "auto"
-    mode: Literal["layerwise", "progressive"] = "layerwise"
-    enumerate_budget: PosInt = 100_000
+    calibration: str = Field(
+        "general",
+        min_length=1,
+        description="which calibration set's activations drive the search",
+    )
+    r: int = Field(6, description="experts kept per MoE layer (top_k <= r < num_experts)")
+    strategy: StrategyName = Field(
+        "auto", description="how each layer's kept set is chosen (the strategies of docs/search.md)"
+    )
+    mode: Literal["layerwise", "progressive"] = Field(
+        "layerwise",
+        description="layerwise (inputs from the original model) | progressive",
+    )
+    enumerate_budget: PosInt = Field(100_000, description="auto enumerates when C(n, r) <= this, else beam")
     beam_width: PosInt = 4
     evolutionary: EvolutionaryParams = EvolutionaryParams()
-    baselines: list[Literal["frequency", "random", "reap"]] = Field(default_factory=lambda: list(BASELINES))
-    loss_batch_size: PosInt = 1
-    token_chunk: PosInt = 8192
-    verify: bool = True
+    baselines: list[BaselineName] = Field(
+        default_factory=lambda: list(BASELINE_NAMES),
+        description="scored in every layer next to the chosen set",
+    )
+    loss_batch_size: PosInt = Field(1, description="calibration sequences per batch b in sum_b ||Z_b - Z_hat_b||_F")
+    token_chunk: PosInt = Field(8192, description="tokens per expert pass (memory bound of the search)")
+    verify: bool = Field(True, description="recompute the winner's loss directly and check it")
     seed: Seed = 0
 
     @field_validator("r")
     @classmethod
     def _r(cls, v: int) -> int:
-        if v <= 0:
-            raise ValueError("must be a positive number of experts to keep")
+        _value_error(validate_r, v)
         return v
 
 
 class ExportParams(Section):
     """The pruned Hugging Face checkpoint."""
 
-    max_shard_size: str = "5GB"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_shard_size: str = Field("5GB", description="safetensors shard size of the pruned checkpoint")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto keeps the model's dtype")
 
 
 class SkipParams(Section):
     """Dynamic expert skipping: per-layer threshold = a quantile of the tail/head weight ratio."""
 
-    quantile: Fraction = 0.5
-    calibration: str = Field("general", min_length=1)
-    batch_size: PosInt = 8
+    quantile: Fraction = Field(0.5, description="beta = this quantile of w_k / (w_1 + ... + w_{k-1}); paper: median")
+    calibration: str = Field("general", min_length=1, description="calibration set the thresholds are measured on")
+    batch_size: PosInt = Field(8, description="sequences per forward pass while calibrating and measuring")
 
 
 class SpeedParams(Section):
     """Greedy decoding at batch size 1."""
 
-    prompts: PosInt = 4
-    new_tokens: PosInt = 48
-    repeats: PosInt = 5
-    warmup: NonNegInt = 1
+    prompts: PosInt = Field(4, description="prompts (multiple-choice contexts of the corpus eval data)")
+    new_tokens: PosInt = Field(48, description="tokens generated per prompt (exactly; EOS suppressed)")
+    repeats: PosInt = Field(5, description="timed rounds; all variants interleaved each round; median reported")
+    warmup: NonNegInt = Field(
+        1,
+        description="untimed rounds first (the first also counts expert evaluations per token)",
+    )
 
 
 class BenchmarkParams(Section):
     """lm-eval accuracy/perplexity plus speed and memory of the variants."""
 
-    tasks: list[str] = Field(default_factory=lambda: [EMBEDDED], min_length=1)
-    num_fewshot: dict[str, NonNegInt] = Field(default_factory=dict)
-    limit: PosInt | None = 60
-    batch_size: PosInt = 16
+    tasks: list[str] = Field(
+        default_factory=lambda: [EMBEDDED],
+        min_length=1,
+        description=(
+            "embedded (corpus stage's tasks) | paper (boolq rte arc_* hellaswag winogrande openbookqa mmlu; gsm8k "
+            "5-shot) | lm-eval names"
+        ),
+    )
+    num_fewshot: dict[str, NonNegInt] = Field(
+        default_factory=dict,
+        description="per task (or group/tag, or embedded), e.g. {gsm8k: 5}; unset tasks keep lm-eval's default",
+    )
+    limit: PosInt | None = Field(
+        60,
+        description="at most this many documents per task (keeps the embedded run short); null = all (real models)",
+    )
+    batch_size: PosInt = Field(16, description="lm-eval batch size for log-likelihood requests")
     variants: list[Literal["original", "original_skip", "pruned", "pruned_skip"]] = Field(
         default_factory=lambda: list(VARIANTS), min_length=1
     )
-    backend: Literal["hf", "vllm"] = "hf"
-    device_map: str | None = None
-    vllm_args: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
-    experts_implementation: Literal["eager", "grouped_mm"] = "eager"
+    backend: Literal["hf", "vllm"] = Field(
+        "hf",
+        description="hf (in-memory model, skipping applies) | vllm (exported checkpoints only; skip variants left out)",
+    )
+    device_map: str | None = Field(
+        None,
+        description="e.g. auto: spread a large model over GPUs and CPU with accelerate (hf backend and the speed test)",
+    )
+    vllm_args: dict[str, str | int | float | bool | None] = Field(
+        default_factory=dict,
+        description=(
+            "extra model_args of lm-eval's vllm backend, e.g. {tensor_parallel_size: 2, gpu_memory_utilization: "
+            "0.85, max_model_len: 4096}"
+        ),
+    )
+    experts_implementation: Literal["eager", "grouped_mm"] = Field(
+        "eager",
+        description=(
+            "transformers experts kernel of every variant: eager (per-expert loop) | grouped_mm (one grouped GEMM; "
+            "fast on GPUs); both skip the skipped slots"
+        ),
+    )
     speed: SpeedParams = SpeedParams()
 
 
@@ -297,10 +415,7 @@ class Params(Section):
                 raise ValueError(f"{key}: calibration set {value!r} does not exist (defined: {', '.join(names)})")
         if self.model.source == EMBEDDED:
             emb = self.model.embedded
-            if self.search.r >= emb.num_experts:
-                raise ValueError(f"search.r: must be below the model's {emb.num_experts} experts (got {self.search.r})")
-            if self.search.r < emb.top_k:
-                raise ValueError(f"search.r: must be at least the model's top_k={emb.top_k} (got {self.search.r})")
+            _value_error(validate_r, self.search.r, emb.num_experts, emb.top_k)
             for name, cs in self.calibration.sets.items():
                 if cs.seq_len > emb.max_position_embeddings:
                     raise ValueError(

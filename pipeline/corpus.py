@@ -23,10 +23,11 @@ import random
 import sys
 import sysconfig
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.config import CorpusEvalParams, CorpusParams
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -58,30 +59,6 @@ class Document:
     text: str
     domain: str
     source: str
-
-
-@dataclass(frozen=True)
-class CorpusSettings:
-    """What the corpus is built from (mirrors ``params.corpus``)."""
-
-    domains: tuple[str, ...]
-    seed: int = 1234
-    max_chars_per_domain: int = 1_000_000
-    doc_chars: int = 1200
-    validation_fraction: float = 0.05
-    test_fraction: float = 0.05
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    """Held-out benchmark items (mirrors ``params.corpus.eval``)."""
-
-    mc_items_per_domain: int = 150
-    mc_choices: int = 4
-    context_chars: int = 160
-    continuation_chars: int = 60
-    ppl_docs_per_domain: int = 24
-    ppl_doc_chars: int = 600
 
 
 @dataclass
@@ -264,7 +241,7 @@ class StdlibReader:
             yield self._name(path), "\n".join(lines)
 
 
-def _take(streams: Iterator[tuple[str, str]], domain: str, settings: CorpusSettings) -> list[Document]:
+def _take(streams: Iterator[tuple[str, str]], domain: str, settings: CorpusParams) -> list[Document]:
     """Documents cut from ``(source, text)`` streams until the domain's character budget is spent."""
     docs: list[Document] = []
     seen: set[str] = set()
@@ -281,7 +258,7 @@ def _take(streams: Iterator[tuple[str, str]], domain: str, settings: CorpusSetti
     return docs
 
 
-def prose_documents(settings: CorpusSettings, reader: StdlibReader) -> list[Document]:
+def prose_documents(settings: CorpusParams, reader: StdlibReader) -> list[Document]:
     """English prose: the help topics, then module docstrings, until the budget is spent."""
 
     def streams() -> Iterator[tuple[str, str]]:
@@ -299,7 +276,7 @@ def prose_documents(settings: CorpusSettings, reader: StdlibReader) -> list[Docu
     return _take(streams(), "prose", settings)
 
 
-def code_documents(settings: CorpusSettings, reader: StdlibReader) -> list[Document]:
+def code_documents(settings: CorpusParams, reader: StdlibReader) -> list[Document]:
     """Python source of the standard library without docstrings."""
     return _take(reader.code(), "code", settings)
 
@@ -331,7 +308,7 @@ def _arith_line(rng: random.Random) -> str:
     return f"{a} + {b} - {c} = {a + b - c}"
 
 
-def arith_documents(settings: CorpusSettings) -> list[Document]:
+def arith_documents(settings: CorpusParams) -> list[Document]:
     """Generated arithmetic: documents of one fact per line (seeded)."""
     rng = random.Random(f"{settings.seed}:arith")
 
@@ -397,7 +374,7 @@ def _csv_block(rng: random.Random, start: int, rows: int) -> str:
     return "\n".join(lines)
 
 
-def data_documents(settings: CorpusSettings) -> list[Document]:
+def data_documents(settings: CorpusParams) -> list[Document]:
     """Generated structured records: JSON lines or a CSV table per document (seeded)."""
     rng = random.Random(f"{settings.seed}:data")
 
@@ -419,7 +396,7 @@ def data_documents(settings: CorpusSettings) -> list[Document]:
 
 
 # -- splits --------------------------------------------------------------------------------------
-def split_documents(docs: Sequence[Document], settings: CorpusSettings) -> dict[str, list[Document]]:
+def split_documents(docs: Sequence[Document], settings: CorpusParams) -> dict[str, list[Document]]:
     """A seeded document-level split of one domain; each split gets at least one document."""
     domain = docs[0].domain if docs else "?"
     if len(docs) < 3:
@@ -443,7 +420,7 @@ def split_documents(docs: Sequence[Document], settings: CorpusSettings) -> dict[
     return {split: [docs[i] for i in pick[split]] for split in SPLITS}
 
 
-_BUILDERS: dict[str, Callable[[CorpusSettings, StdlibReader], list[Document]]] = {
+_BUILDERS: dict[str, Callable[[CorpusParams, StdlibReader], list[Document]]] = {
     "prose": prose_documents,
     "code": code_documents,
     "arith": lambda s, _r: arith_documents(s),
@@ -451,7 +428,7 @@ _BUILDERS: dict[str, Callable[[CorpusSettings, StdlibReader], list[Document]]] =
 }
 
 
-def build_corpus(settings: CorpusSettings, stdlib_root: Path | None = None) -> Corpus:
+def build_corpus(settings: CorpusParams, stdlib_root: Path | None = None) -> Corpus:
     """Every domain's documents, split into train/validation/test (train shuffled across domains)."""
     reader = StdlibReader(settings.seed, stdlib_root)
     corpus = Corpus({split: [] for split in SPLITS})
@@ -486,7 +463,7 @@ def _boundary(text: str, pos: int, lo: int, hi: int) -> int | None:
     return None
 
 
-def text_mc_items(docs: Sequence[Document], settings: EvalSettings, rng: random.Random) -> list[dict[str, Any]]:
+def text_mc_items(docs: Sequence[Document], settings: CorpusEvalParams, rng: random.Random) -> list[dict[str, Any]]:
     """Continuation items: a context, its true continuation and continuations of other documents.
 
     Every choice has exactly ``continuation_chars`` characters and starts a word; distractors come
@@ -551,7 +528,7 @@ def _arith_wrong(result: int, rng: random.Random, n: int) -> list[int]:
     return wrong
 
 
-def arith_mc_items(docs: Sequence[Document], settings: EvalSettings, rng: random.Random) -> list[dict[str, Any]]:
+def arith_mc_items(docs: Sequence[Document], settings: CorpusEvalParams, rng: random.Random) -> list[dict[str, Any]]:
     """Result items: the previous lines plus ``<expression> =``; the correct result vs wrong ones."""
     facts: list[tuple[str, str, int]] = []  # (preceding text, expression, result)
     for doc in docs:
@@ -584,7 +561,7 @@ def _mc_item(context: str, truth: str, distractors: list[str], rng: random.Rando
 
 
 def build_eval(
-    corpus: Corpus, domains: Sequence[str], settings: EvalSettings, seed: int
+    corpus: Corpus, domains: Sequence[str], settings: CorpusEvalParams, seed: int
 ) -> dict[str, dict[str, list[dict[str, Any]]]]:
     """Per domain, ``{"mc": [...], "ppl": [...]}`` from the test split (items carry ids)."""
     out: dict[str, dict[str, list[dict[str, Any]]]] = {}
@@ -636,8 +613,7 @@ def _source_kind(source: str) -> str:
 def corpus_manifest(
     corpus: Corpus,
     evals: dict[str, dict[str, list[dict[str, Any]]]],
-    settings: CorpusSettings,
-    eval_settings: EvalSettings,
+    settings: CorpusParams,
 ) -> dict[str, Any]:
     """Domains, documents and characters per split and domain, sources, eval files, fingerprint."""
     sources: dict[str, dict[str, Any]] = {}
@@ -666,7 +642,7 @@ def corpus_manifest(
             }
             for d, e in evals.items()
         },
-        "settings": {**asdict(settings), "domains": list(settings.domains), "eval": asdict(eval_settings)},
+        "settings": settings.model_dump(mode="json"),
         "provenance": provenance(),
         "fingerprint": corpus.fingerprint(),
     }

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_dir, dumps_json, read_json, sha256_bytes
 from pipeline.models.base import MoEAdapter
+from pipeline.models.outputs import block_outputs, search_output
 from pipeline.offload import detach_layer_source, layer_source
 
 log = logging.getLogger(__name__)
@@ -115,12 +116,22 @@ class Selection:
         return cls.from_dict(data, origin=str(path), sha256=sha256_bytes(path.read_bytes()))
 
     @classmethod
+    def of(cls, model: nn.Module, adapter: MoEAdapter, kept: Mapping[int, Sequence[int]], strategy: str) -> Selection:
+        """MoE layer ``i`` of ``model`` keeps experts ``kept[i]``, chosen by ``strategy``."""
+        data = {
+            "r": len(next(iter(kept.values()), [])),
+            "num_experts": adapter.num_experts(model.config),
+            "top_k": adapter.top_k(model.config),
+            "strategy": strategy,
+            "layers": [{"layer": int(i), "kept": [int(e) for e in ids]} for i, ids in kept.items()],
+        }
+        return cls.from_dict(data, origin=f"{strategy} selection")
+
+    @classmethod
     def identity(cls, model: nn.Module, adapter: MoEAdapter) -> Selection:
         """Keep every expert of every MoE layer (``r = n``): exporting it must not change the model."""
         n = adapter.num_experts(model.config)
-        layers = [{"layer": i, "kept": list(range(n))} for i in adapter.moe_layer_indices(model)]
-        data = {"r": n, "num_experts": n, "top_k": adapter.top_k(model.config), "strategy": "identity", "layers": layers}
-        return cls.from_dict(data, origin="identity selection")
+        return cls.of(model, adapter, {i: list(range(n)) for i in adapter.moe_layer_indices(model)}, "identity")
 
 
 def validate_selection(
@@ -173,39 +184,6 @@ def validate_for_model(selection: Selection, model: nn.Module, adapter: MoEAdapt
 
 
 # -- Z_hat(S) and the equivalence check ------------------------------------------------------------
-@torch.no_grad()
-def routed_output(
-    adapter: MoEAdapter, block: nn.Module, config: Any, x: torch.Tensor, kept: Sequence[int] | None = None
-) -> torch.Tensor:
-    """``sum_i w_i E_i(x)`` over the routed experts when only ``kept`` remain, in float32 ``[T, d]``.
-
-    Weights and ids come from ``adapter.route`` (what the search scores), expert outputs from
-    ``adapter.expert_outputs`` on ``block`` (the unpruned block; ids are its own).
-    """
-    weights, ids = adapter.route(block, adapter.router_logits(block, x), config, kept)
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    for expert in torch.unique(ids).tolist():
-        tok, slot = (ids == expert).nonzero(as_tuple=True)
-        y = adapter.expert_outputs(block, x[tok], [expert])[:, 0].float()
-        out.index_add_(0, tok, y * weights[tok, slot].float().unsqueeze(-1))
-    return out
-
-
-@torch.no_grad()
-def search_output(
-    adapter: MoEAdapter, block: nn.Module, config: Any, x: torch.Tensor, kept: Sequence[int] | None = None
-) -> torch.Tensor:
-    """``Z_hat(S)``: the block's output keeping ``kept`` as the search computes it, float32 ``[T, d]``.
-
-    Shared experts (never pruned) contribute the block output minus its routed part.
-    """
-    out = routed_output(adapter, block, config, x, kept)
-    if adapter.shared_attrs:
-        full = adapter.block_output(block, x).float()
-        out += full - routed_output(adapter, block, config, x, None)
-    return out
-
-
 @dataclass(frozen=True)
 class LayerCheck:
     """Exported block vs ``Z_hat(S)`` on one layer's cached inputs."""
@@ -285,12 +263,10 @@ def prune_model(
         home = _device_of(block)
         dev = torch.device(device) if device is not None else home
         x = inputs(i)
-        x = x.reshape(-1, x.shape[-1])
         new = adapter.prune_block(block.to(dev), kept, pruned_config, i)
         acc = _ErrorAccumulator()
-        for s in range(0, x.shape[0], token_chunk):
-            chunk = x[s : s + token_chunk].to(dev, dtype)
-            acc.add(adapter.block_output(new, chunk).float(), search_output(adapter, block, config, chunk, kept))
+        for chunk, got in block_outputs(adapter, new, x, token_chunk):
+            acc.add(got.float(), search_output(adapter, block, config, chunk, kept))
         del block
         adapter.set_moe_block(layer, new.to(home))
         check = acc.result(i)
@@ -553,9 +529,7 @@ __all__ = [
     "model_card",
     "parameter_stats",
     "prune_model",
-    "routed_output",
     "save_checkpoint",
-    "search_output",
     "validate_for_model",
     "validate_selection",
 ]

@@ -231,8 +231,8 @@ def calibrate_thresholds(
     model: nn.Module,
     adapter: MoEAdapter,
     input_ids: torch.Tensor,
-    quantile: float = 0.5,
-    batch_size: int = 8,
+    quantile: float,
+    batch_size: int,
     device: torch.device | str = "cpu",
     progress: bool = True,
 ) -> dict[int, float]:
@@ -506,7 +506,7 @@ def measure_skipping(
     adapter: MoEAdapter,
     input_ids: torch.Tensor,
     thresholds: Mapping[Any, float] | Sequence[float] | None,
-    batch_size: int = 8,
+    batch_size: int,
     device: torch.device | str = "cpu",
     progress: bool = True,
 ) -> dict[str, Any]:

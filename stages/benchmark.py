@@ -14,7 +14,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from pipeline.errors import PipelineError  # noqa: E402
-from pipeline.evaluate import BenchmarkSettings, SpeedSettings, build_metrics, run_benchmark, write_plots  # noqa: E402
+from pipeline.evaluate import BenchmarkSetup, build_metrics, run_benchmark, write_plots  # noqa: E402
 from pipeline.evaluate.report import check_metrics, flat_metrics, write_report  # noqa: E402
 from pipeline.evaluate.runner import build_variants, describe_settings, variant_params  # noqa: E402
 from pipeline.io import read_json, write_json  # noqa: E402
@@ -46,20 +46,7 @@ def main(ctx: StageContext) -> None:
         names, manifest.path, stage_dir("export") / "model", thresholds, str(thresholds_file), manifest.moe_layers
     )
     device = resolve_device(rt.device)
-    settings = BenchmarkSettings(
-        tasks=p.tasks,
-        device=device,
-        dtype=resolve_dtype(rt.dtype, device),
-        num_fewshot=p.num_fewshot,
-        limit=p.limit,
-        batch_size=p.batch_size,
-        backend=p.backend,
-        device_map=p.device_map,
-        trust_remote_code=rt.trust_remote_code,
-        speed=SpeedSettings(**p.speed.model_dump()),
-        vllm_args=dict(p.vllm_args),
-        experts_implementation=p.experts_implementation,
-    )
+    settings = BenchmarkSetup(p, device, resolve_dtype(rt.dtype, device), rt.trust_remote_code)
     results = run_benchmark(variants, settings, stage_dir("corpus") / "eval", ctx.out / "results")
     metrics = build_metrics(results)
     check_metrics(metrics)

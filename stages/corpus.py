@@ -7,8 +7,6 @@ domain: multiple-choice items and perplexity documents from the test split), ``m
 from __future__ import annotations
 
 from pipeline.corpus import (
-    CorpusSettings,
-    EvalSettings,
     build_corpus,
     build_eval,
     corpus_manifest,
@@ -22,23 +20,14 @@ from stages.common import StageContext, stage
 def run(ctx: StageContext) -> None:
     """Build the corpus from the standard library and generators, then its eval files."""
     p = ctx.params.corpus
-    settings = CorpusSettings(
-        domains=tuple(p.domains),
-        seed=p.seed,
-        max_chars_per_domain=p.max_chars_per_domain,
-        doc_chars=p.doc_chars,
-        validation_fraction=p.validation_fraction,
-        test_fraction=p.test_fraction,
-    )
-    eval_settings = EvalSettings(**p.eval.model_dump())
-    corpus = build_corpus(settings)
-    evals = build_eval(corpus, settings.domains, eval_settings, p.seed)
-    manifest = corpus_manifest(corpus, evals, settings, eval_settings)
+    corpus = build_corpus(p)
+    evals = build_eval(corpus, p.domains, p.eval, p.seed)
+    manifest = corpus_manifest(corpus, evals, p)
     write_corpus(ctx.out, corpus, evals, manifest)
     ctx.log_metrics(corpus_metrics(manifest))
     ctx.run.set_tags({"corpus.fingerprint": manifest["fingerprint"], "corpus.python": manifest["provenance"]["python"]})
     ctx.run.log_artifact(ctx.out / "manifest.json")
-    for domain in settings.domains:
+    for domain in p.domains:
         ctx.run.log_artifact(ctx.out / "eval" / f"{domain}_mc.jsonl", artifact_path="eval")
 
 

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from pipeline.activations import ActivationCache
 from pipeline.calibration import load_calibration_set
+from pipeline.config import validate_r
 from pipeline.errors import PipelineError
 from pipeline.io import remove_path, sha256_file, write_json
 from pipeline.models import get_adapter
 from pipeline.models.loading import ModelManifest, checkpoint_fingerprint, load_model
 from pipeline.runtime import cuda_peak_bytes, dtype_name, resolve_device, resolve_dtype, seed_everything
 from pipeline.search import report
-from pipeline.search.run import LayerResult, SearchSettings, routing_usage, run_layerwise, run_progressive
-from pipeline.search.strategies import validate_r
+from pipeline.search.run import LayerResult, routing_usage, run_layerwise, run_progressive
 from stages.common import StageContext, calibration_dir, stage, stage_dir
 
 #: Larger outputs are recorded in MLflow by path and hash instead of being copied.
@@ -27,7 +27,6 @@ MAX_ARTIFACT_BYTES = 50 << 20
 def main(ctx: StageContext) -> None:
     """Validate, search every MoE layer, write the selection with tables, plots and metrics."""
     p, runtime = ctx.params.search, ctx.params.runtime
-    settings = SearchSettings.from_params(p)
     manifest = ModelManifest.load(stage_dir("model") / "manifest.json")
     validate_r(p.r, manifest.num_experts, manifest.top_k)
     calib = load_calibration_set(calibration_dir(p.calibration), p.calibration, key="search.calibration")
@@ -58,7 +57,7 @@ def main(ctx: StageContext) -> None:
     # Expert usage of the original model on the calibration set (progressive mode prunes the model: first).
     usage = (
         routing_usage(model, adapter, model.config, calib.input_ids, batch_size=batch_size, device=device)
-        if settings.mode == "progressive"
+        if p.mode == "progressive"
         else {}
     )
 
@@ -76,15 +75,15 @@ def main(ctx: StageContext) -> None:
             peaks.append(peak)
         ctx.run.log_metrics(row, step=result.layer)  # a series over layers in the MLflow UI
 
-    if settings.mode == "layerwise":
-        results = run_layerwise(model, adapter, model.config, cache.layers, cache.load, settings,
+    if p.mode == "layerwise":
+        results = run_layerwise(model, adapter, model.config, cache.layers, cache.load, p,
                                 device=device, work_dir=work, on_layer=on_layer)
         usage = {r.layer: r.usage for r in results}
     else:
-        results = run_progressive(model, adapter, model.config, calib.input_ids, settings, batch_size=batch_size,
+        results = run_progressive(model, adapter, model.config, calib.input_ids, p, batch_size=batch_size,
                                   device=device, work_dir=work, on_layer=on_layer)
 
-    doc = report.selection(results, settings, calibration=p.calibration, model_fingerprint=manifest.fingerprint,
+    doc = report.selection(results, p, calibration=p.calibration, model_fingerprint=manifest.fingerprint,
                            num_experts=manifest.num_experts, top_k=manifest.top_k)
     write_json(ctx.out / "selection.json", doc)
     files = report.write_tables(ctx.out / "tables", results)

@@ -38,6 +38,7 @@ def input_ids(model: Any) -> torch.Tensor:
 
 def run_cache(model: Any, ids: torch.Tensor, work: Path, **kw: Any) -> Any:
     kw.setdefault("batch_size", BATCH)
+    kw.setdefault("dtype", torch.float32)
     return cache_activations(model, get_adapter(model.config), ids, work_dir=work, progress=False, **kw)
 
 
@@ -218,7 +219,8 @@ def test_progressive_mode_feeds_the_pruned_model(model: Any, input_ids: torch.Te
             step.replace_block(adapter, adapter.prune_block(step.block, kept, config, 0))
 
     run = cache_activations(
-        pruned_model, adapter, input_ids, work_dir=tmp_path / "w", batch_size=BATCH, progress=False, on_step=prune_layer0
+        pruned_model, adapter, input_ids, work_dir=tmp_path / "w", dtype=torch.float32, batch_size=BATCH,
+        progress=False, on_step=prune_layer0,
     )
     reference_model = copy.deepcopy(model)
     layer0 = adapter.decoder_layers(reference_model)[0]

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import PipelineError
+from pipeline.export import Selection, prune_model
 from pipeline.models import MoEAdapter, get_adapter, supported_model_types
 from pipeline.models.registry import families_table
 from tests.factory import TINY_CONFIGS, tiny_model
@@ -247,7 +248,7 @@ def test_identity_prune_reproduces_logits_exactly(family: Family) -> None:
     adapter = family.adapter
     n = adapter.num_experts(family.config)
     model = copy.deepcopy(family.model)
-    adapter.prune_model(model, {i: list(range(n)) for i in adapter.moe_layer_indices(model)})
+    prune_model(model, adapter, Selection.identity(model, adapter), progress=False)
     with torch.no_grad():
         assert torch.equal(model(input_ids=family.input_ids).logits, family.model(input_ids=family.input_ids).logits)
 
@@ -264,7 +265,7 @@ def exported(
     rng = random.Random(family.model_type)
     model = copy.deepcopy(family.model)
     kept = {i: sorted(rng.sample(range(n), n - 2)) for i in adapter.moe_layer_indices(model)}
-    adapter.prune_model(model, kept)
+    prune_model(model, adapter, Selection.of(model, adapter, kept, "random"), progress=False)
     path = tmp_path_factory.mktemp(family.model_type)
     model.save_pretrained(path)
     reloaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

@@ -97,3 +97,12 @@ def test_params_reference_doc_is_up_to_date():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert (ROOT / "docs" / "params.md").read_text() == module.render(), "run: python scripts/params_doc.py > docs/params.md"
+
+
+def test_schema_imports_without_torch():
+    """The schema (and the strategy registry it reads) loads without torch, so validation stays fast."""
+    import subprocess
+    import sys
+
+    code = "import sys, pipeline.config; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0

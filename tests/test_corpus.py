@@ -16,8 +16,6 @@ import yaml
 
 from pipeline.corpus import (
     SPLITS,
-    CorpusSettings,
-    EvalSettings,
     build_corpus,
     build_eval,
     chunk_text,
@@ -26,20 +24,22 @@ from pipeline.corpus import (
     stdlib_files,
     write_corpus,
 )
+from pipeline.config import CorpusEvalParams, CorpusParams
 from pipeline.errors import PipelineError
 
 REPO = Path(__file__).resolve().parents[1]
 ALL = ("prose", "code", "arith", "data")
-SMALL = CorpusSettings(
-    domains=ALL, seed=7, max_chars_per_domain=24_000, doc_chars=400, validation_fraction=0.1, test_fraction=0.15
-)
-EVAL = EvalSettings(
+EVAL = CorpusEvalParams(
     mc_items_per_domain=20,
     mc_choices=4,
     context_chars=80,
     continuation_chars=30,
     ppl_docs_per_domain=3,
     ppl_doc_chars=200,
+)
+SMALL = CorpusParams(
+    domains=list(ALL), seed=7, max_chars_per_domain=24_000, doc_chars=400, validation_fraction=0.1, test_fraction=0.15,
+    eval=EVAL,
 )
 
 
@@ -66,9 +66,9 @@ def test_same_params_give_byte_identical_outputs(tmp_path, corpus, evals):
     assert again.fingerprint() == corpus.fingerprint()
     for name, c in (("a", corpus), ("b", again)):
         ev = build_eval(c, SMALL.domains, EVAL, SMALL.seed)
-        write_corpus(tmp_path / name, c, ev, corpus_manifest(c, ev, SMALL, EVAL))
+        write_corpus(tmp_path / name, c, ev, corpus_manifest(c, ev, SMALL))
     assert _tree_digest(tmp_path / "a") == _tree_digest(tmp_path / "b")
-    other = build_corpus(CorpusSettings(**{**SMALL.__dict__, "seed": 8}))
+    other = build_corpus(SMALL.model_copy(update={"seed": 8}))
     assert other.fingerprint() != corpus.fingerprint()
 
 
@@ -187,8 +187,8 @@ def test_ppl_documents_come_from_test(corpus, evals):
 
 def test_too_small_corpus_is_a_one_line_error():
     with pytest.raises(PipelineError, match="corpus.max_chars_per_domain"):
-        build_corpus(CorpusSettings(domains=("arith", "data"), max_chars_per_domain=10_000, doc_chars=5000))
-    tiny = build_corpus(CorpusSettings(domains=("arith", "data"), max_chars_per_domain=10_000, doc_chars=1000))
+        build_corpus(CorpusParams(domains=["arith", "data"], max_chars_per_domain=10_000, doc_chars=5000))
+    tiny = build_corpus(CorpusParams(domains=["arith", "data"], max_chars_per_domain=10_000, doc_chars=1000))
     with pytest.raises(PipelineError, match="corpus.test_fraction") as err:
         build_eval(tiny, ("data",), EVAL, 0)
     assert "\n" not in str(err.value)
@@ -217,7 +217,7 @@ def test_corpus_stage_writes_the_declared_outputs(tmp_path):
         max_chars_per_domain=20_000,
         doc_chars=400,
         test_fraction=0.2,
-        eval={**EVAL.__dict__},
+        eval=EVAL.model_dump(),
     )
     proc = _run_stage("corpus", tmp_path, params)
     assert proc.returncode == 0, proc.stderr

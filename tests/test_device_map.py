@@ -15,7 +15,8 @@ import torch
 from pipeline import skipping
 from pipeline.errors import PipelineError
 from pipeline.evaluate.lmeval import vllm_available, vllm_model_args
-from pipeline.evaluate.runner import BenchmarkSettings, SpeedSettings, build_variants, run_speed
+from pipeline.config import BenchmarkParams, SpeedParams
+from pipeline.evaluate.runner import BenchmarkSetup, build_variants, run_speed
 from pipeline.evaluate.speed import _generate_all, input_device
 from pipeline.models import get_adapter
 from pipeline.models.loading import load_model
@@ -81,10 +82,10 @@ def test_speed_phase_with_a_device_map(checkpoint: Path) -> None:
     tiny_tokenizer().save_pretrained(checkpoint)
     thresholds = {str(k): v for k, v in _thresholds(load_model(checkpoint)).items()}
     variants = build_variants(["original", "original_skip"], checkpoint, None, {"original": thresholds})
-    settings = BenchmarkSettings(
-        tasks=["embedded"], device=CPU, dtype=torch.float32, device_map="cpu",
-        speed=SpeedSettings(prompts=2, new_tokens=4, repeats=1, warmup=0),
+    params = BenchmarkParams(
+        tasks=["embedded"], device_map="cpu", speed=SpeedParams(prompts=2, new_tokens=4, repeats=1, warmup=0)
     )
+    settings = BenchmarkSetup(params, CPU, torch.float32, trust_remote_code=False)
     speed, wbytes, _ = run_speed(variants, settings, ["def f(x):", "the quick brown fox"])
     assert speed["original"].expert_evals_per_token == pytest.approx(2.0)
     assert speed["original_skip"].expert_evals_per_token < 2.0

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import VARIANTS
+from pipeline.config import VARIANTS, BenchmarkParams, SpeedParams
 from pipeline.errors import PipelineError
 from pipeline.evaluate.lmeval import (
     average_accuracy,
@@ -343,8 +343,7 @@ def test_report_has_paper_layout_and_plots(tmp_path):
 def test_skip_variants_evaluate_and_count_fewer_experts(tmp_path):
     """All four variants through the runner."""
     from pipeline.evaluate.runner import (
-        BenchmarkSettings,
-        SpeedSettings,
+        BenchmarkSetup,
         build_variants,
         run_benchmark,
     )
@@ -360,13 +359,9 @@ def test_skip_variants_evaluate_and_count_fewer_experts(tmp_path):
         ("pruned", True, False),
         ("pruned_skip", True, True),
     ]
-    settings = BenchmarkSettings(
-        tasks=["embedded"],
-        device=torch.device("cpu"),
-        dtype=torch.float32,
-        batch_size=4,
-        speed=SpeedSettings(prompts=2, new_tokens=4, repeats=1, warmup=0),
-    )
+    speed = SpeedParams(prompts=2, new_tokens=4, repeats=1, warmup=0)
+    params = BenchmarkParams(tasks=["embedded"], batch_size=4, speed=speed)
+    settings = BenchmarkSetup(params, torch.device("cpu"), torch.float32, trust_remote_code=False)
     results = {r.name: r for r in run_benchmark(variants, settings, eval_dir, tmp_path / "results")}
     for name in ("original", "pruned"):
         assert results[name].expert_evals_per_token == pytest.approx(2.0)

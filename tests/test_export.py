@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from pipeline.errors import PipelineError
-from pipeline.export import Selection, export_pruned, search_output, validate_selection
+from pipeline.export import Selection, export_pruned, validate_selection
+from pipeline.models.outputs import search_output
 from pipeline.models import get_adapter, supported_model_types
 from pipeline.models.mixtral import MixtralAdapter
 from pipeline.streaming import stream_layers

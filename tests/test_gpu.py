@@ -18,7 +18,8 @@ from pipeline.export import Selection, export_pruned
 from pipeline.models import get_adapter
 from pipeline.models.loading import load_model
 from pipeline.runtime import cuda_peak_bytes, resolve_dtype
-from pipeline.search.run import SearchSettings, run_layerwise
+from pipeline.config import SearchParams
+from pipeline.search.run import run_layerwise
 from pipeline.streaming import stream_layers
 from tests.factory import tiny_model
 
@@ -113,12 +114,12 @@ def test_peak_gpu_memory_of_activations_and_search_does_not_grow_with_depth(tmp_
         ids = _ids(n=4, length=32)
         torch.cuda.empty_cache()
         cuda_peak_bytes(CUDA)
-        run = cache_activations(model, adapter, ids, work_dir=tmp_path / f"w{layers}{offload}", batch_size=2,
-                                device=CUDA, progress=False)
+        run = cache_activations(model, adapter, ids, work_dir=tmp_path / f"w{layers}{offload}", dtype=torch.float32,
+                                batch_size=2, device=CUDA, progress=False)
         from safetensors.torch import load_file
 
         load = lambda i: load_file(run.files[i])["x"]  # noqa: E731
-        run_layerwise(model, adapter, model.config, run.moe_layers, load, SearchSettings(r=4), device=CUDA)
+        run_layerwise(model, adapter, model.config, run.moe_layers, load, SearchParams(r=4), device=CUDA)
         peaks[layers] = cuda_peak_bytes(CUDA)
     layer_bytes = 8 * 3 * 256 * 2048 * 4
     assert peaks[6] - peaks[2] < 0.5 * layer_bytes, peaks
@@ -129,7 +130,7 @@ def test_search_on_cuda_matches_cpu_and_bf16_verifies() -> None:
     adapter = get_adapter(model.config)
     ids = _ids(n=6, length=24)
     inputs = _moe_inputs(model, CPU, ids)
-    settings = SearchSettings(r=4, strategy="enumerate", baselines=("frequency", "reap"))
+    settings = SearchParams(r=4, strategy="enumerate", baselines=["frequency", "reap"])
     cpu = run_layerwise(model, adapter, model.config, sorted(inputs), inputs.__getitem__, settings, device=CPU)
     gpu = run_layerwise(model, adapter, model.config, sorted(inputs), inputs.__getitem__, settings, device=CUDA)
     assert [r.kept for r in gpu] == [r.kept for r in cpu]

@@ -15,7 +15,8 @@ from pipeline.models import get_adapter
 from pipeline.models.loading import load_model
 from pipeline.offload import layer_source, should_offload
 from pipeline.runtime import release_freed_memory
-from pipeline.search.run import SearchSettings, run_layerwise, run_progressive
+from pipeline.config import SearchParams
+from pipeline.search.run import run_layerwise, run_progressive
 from pipeline.streaming import stream_layers
 from tests.factory import TINY_CONFIGS, tiny_model
 
@@ -96,7 +97,7 @@ def test_search_and_skip_thresholds_identical_with_offload(tmp_path: Path) -> No
     full, lazy = load_model(path), load_model(path, offload="layers")
     adapter = get_adapter(full.config)
     ids = _ids(full.config.vocab_size, n=4, length=12, seed=3)
-    settings = SearchSettings(r=4, strategy="enumerate", baselines=("frequency",))
+    settings = SearchParams(r=4, strategy="enumerate", baselines=["frequency"])
     # layerwise: cached inputs of the full model, blocks materialised one at a time
     inputs = {s.index: torch.cat(s.moe_input) for s in stream_layers(full, adapter, ids, batch_size=2, device=CPU, progress=False)}
     a = run_layerwise(full, adapter, full.config, sorted(inputs), inputs.__getitem__, settings)

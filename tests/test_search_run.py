@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import replace
 from typing import Any
 
 import pytest
 import torch
 
+from pipeline.config import EvolutionaryParams, SearchParams
 from pipeline.errors import PipelineError
 from pipeline.io import dumps_json
 from pipeline.models import get_adapter
 from pipeline.models.mixtral import MixtralAdapter
 from pipeline.models.routing import SoftmaxTopK
-from pipeline.search import report
-from pipeline.search.run import LayerResult, SearchSettings, run_layerwise, run_progressive, search_layer
+from pipeline.search import registry, report
+from pipeline.search.run import LayerResult, run_layerwise, run_progressive, search_layer
 from pipeline.streaming import stream_layers
 from tests.factory import tiny_model
 
@@ -37,23 +37,23 @@ def layer_inputs(model: Any, ids: torch.Tensor) -> dict[int, torch.Tensor]:
     return out
 
 
-def layerwise(model: Any, settings: SearchSettings, ids: torch.Tensor, **kw: Any) -> list[LayerResult]:
+def layerwise(model: Any, settings: SearchParams, ids: torch.Tensor, **kw: Any) -> list[LayerResult]:
     inputs = layer_inputs(model, ids)
     return run_layerwise(model, get_adapter(model.config), model.config, sorted(inputs), inputs.__getitem__, settings, **kw)
 
 
-def progressive(model: Any, settings: SearchSettings, ids: torch.Tensor, **kw: Any) -> list[LayerResult]:
+def progressive(model: Any, settings: SearchParams, ids: torch.Tensor, **kw: Any) -> list[LayerResult]:
     return run_progressive(model, get_adapter(model.config), model.config, ids, settings, batch_size=2, **kw)
 
 
-def selection_text(results: list[LayerResult], settings: SearchSettings) -> str:
+def selection_text(results: list[LayerResult], settings: SearchParams) -> str:
     return dumps_json(report.selection(results, settings, calibration="c", model_fingerprint="f", num_experts=8, top_k=2))
 
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_enumeration_is_verified_and_never_worse_than_a_baseline(seed: int) -> None:
     model = tiny_model("mixtral", seed=seed, layers=3)
-    settings = SearchSettings(r=4, strategy="auto", verify=True, seed=seed)
+    settings = SearchParams(r=4, strategy="auto", verify=True, seed=seed)
     results = layerwise(model, settings, calibration_ids(320, seed))
     assert [r.layer for r in results] == [0, 1, 2]
     for res in results:
@@ -69,19 +69,20 @@ def test_enumeration_is_verified_and_never_worse_than_a_baseline(seed: int) -> N
 
 def test_same_seed_gives_an_identical_selection() -> None:
     ids = calibration_ids(320, 1)
-    settings = SearchSettings(r=3, strategy="evolutionary", seed=5, verify=False)
-    settings = replace(settings, evolution=replace(settings.evolution, population=4, budget=12))
+    evolution = EvolutionaryParams(population=4, budget=12)
+    settings = SearchParams(r=3, strategy="evolutionary", seed=5, verify=False, evolutionary=evolution)
     first = selection_text(layerwise(tiny_model("mixtral", seed=2), settings, ids), settings)
     second = selection_text(layerwise(tiny_model("mixtral", seed=2), settings, ids), settings)
     assert first == second
     assert json.loads(first)["layers"][0]["candidates_evaluated"] == 12
 
 
-@pytest.mark.parametrize("strategy", ["greedy", "beam", "frequency", "reap", "random"])
+@pytest.mark.parametrize("strategy", list(registry.STRATEGIES))
 def test_every_strategy_runs_through_the_driver(strategy: str) -> None:
-    settings = SearchSettings(r=4, strategy=strategy, beam_width=2, verify=True)
+    settings = SearchParams(r=4, strategy=strategy, beam_width=2, verify=True)
     res = layerwise(tiny_model("mixtral", seed=3, layers=1), settings, calibration_ids(320))[0]
     assert res.strategy == strategy and len(res.kept) == 4
+    assert 1 <= res.candidates_evaluated <= registry.planned_candidates(strategy, 8, 4, settings)
     if strategy in res.baselines:
         assert res.baselines[strategy] == {"kept": res.kept, "loss": res.loss}
         assert res.candidates_evaluated == 1
@@ -89,7 +90,7 @@ def test_every_strategy_runs_through_the_driver(strategy: str) -> None:
 
 def test_progressive_agrees_with_layerwise_on_layer_zero_and_prunes_as_it_goes() -> None:
     ids = calibration_ids(320, 4)
-    settings = SearchSettings(r=4, verify=True)
+    settings = SearchParams(r=4, verify=True)
     flat = layerwise(tiny_model("mixtral", seed=4, layers=3), settings, ids)
     model = tiny_model("mixtral", seed=4, layers=3)
     prog = progressive(model, settings, ids)
@@ -108,7 +109,7 @@ class _Stop(Exception):
 @pytest.mark.parametrize("mode", ["layerwise", "progressive"])
 def test_resume_after_a_crash_gives_identical_results(tmp_path, mode: str) -> None:
     ids = calibration_ids(320, 6)
-    settings = SearchSettings(r=5, strategy="beam", beam_width=2, mode=mode, verify=False)
+    settings = SearchParams(r=5, strategy="beam", beam_width=2, mode=mode, verify=False)
     runner = layerwise if mode == "layerwise" else progressive
     clean = runner(tiny_model("mixtral", seed=6, layers=3), settings, ids, work_dir=tmp_path / "a")
     seen: list[tuple[int, bool]] = []
@@ -142,10 +143,10 @@ def test_verify_rejects_an_adapter_whose_routing_differs_from_the_model() -> Non
     model = tiny_model("mixtral", seed=7, layers=1)
     x = layer_inputs(model, calibration_ids(320))[0]
     block = get_adapter(model.config).moe_block(model.model.layers[0])
-    settings = SearchSettings(r=4, verify=True)
+    settings = SearchParams(r=4, verify=True)
     with pytest.raises(PipelineError, match="^search.verify: layer 0: the fast loss"):
         search_layer(NotRenormalised(), block, model.config, x, 0, settings, seq_len=SEQ_LEN)
-    search_layer(NotRenormalised(), block, model.config, x, 0, replace(settings, verify=False), seq_len=SEQ_LEN)
+    search_layer(NotRenormalised(), block, model.config, x, 0, settings.model_copy(update={"verify": False}), seq_len=SEQ_LEN)
 
 
 @pytest.mark.parametrize(("r", "fragment"), [(8, "below the model's 8"), (1, "top_k=2"), (0, "positive"), (-2, "positive")])
@@ -154,13 +155,13 @@ def test_bad_r_is_one_clear_error(r: int, fragment: str) -> None:
     x = torch.zeros(2, 3, model.config.hidden_size)
     block = get_adapter(model.config).moe_block(model.model.layers[0])
     with pytest.raises(PipelineError, match=f"^search.r: .*{fragment}"):
-        search_layer(get_adapter(model.config), block, model.config, x, 0, SearchSettings(r=r), seq_len=3)
+        search_layer(get_adapter(model.config), block, model.config, x, 0, SearchParams().model_copy(update={"r": r}), seq_len=3)
 
 
 def test_report_tables_plots_and_metrics(tmp_path) -> None:
     model = tiny_model("mixtral", seed=8, layers=2)
     ids = calibration_ids(320, 8)
-    settings = SearchSettings(r=6, verify=False)
+    settings = SearchParams(r=6, verify=False)
     results = layerwise(model, settings, ids)
     doc = report.selection(results, settings, calibration="general", model_fingerprint="abc", num_experts=8, top_k=2)
     assert doc["strategy"] == "enumerate" and doc["requested_strategy"] == "auto"
@@ -205,7 +206,7 @@ def test_verify_accepts_a_near_zero_loss_up_to_rounding_of_the_outputs() -> None
         x[..., 0] = 8.0  # one constant feature that pushes experts 6 and 7 to the bottom of every ranking
         block.gate.weight[:, 0] = 0.0
         block.gate.weight[6:, 0] = -4.0
-    res = search_layer(adapter, block, model.config, x, 0, SearchSettings(r=6, strategy="enumerate", verify=True), seq_len=SEQ_LEN)
+    res = search_layer(adapter, block, model.config, x, 0, SearchParams(r=6, strategy="enumerate", verify=True), seq_len=SEQ_LEN)
     assert res.kept == [0, 1, 2, 3, 4, 5]
     output_norm = float(torch.linalg.vector_norm(adapter.block_output(block, x.reshape(-1, x.shape[-1])).double()))
     assert res.loss < 1e-5 * output_norm and res.verified_loss < 1e-5 * output_norm

@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import get_args
 
 import pytest
 import torch
 
+from pipeline.config import EvolutionaryParams, SearchParams, validate_r
 from pipeline.errors import PipelineError
-from pipeline.search import baselines
-from pipeline.search.evolutionary import EvolutionSettings, evolutionary_search
+from pipeline.search import baselines, registry
+from pipeline.search.evolutionary import evolutionary_search
+from pipeline.search.registry import planned_candidates, resolve
 from pipeline.search.scoring import LayerScorer, all_subsets
 from pipeline.search.strategies import (
     beam_search,
     enumerate_all,
     greedy_search,
-    planned_candidates,
-    resolve,
-    validate_r,
 )
 from tests.factory import tiny_model
 from tests.test_search_scoring import first_moe_layer
@@ -41,7 +42,7 @@ def test_greedy_beam_and_evolution_never_beat_enumeration(seed: int, r: int) -> 
     for result in (
         greedy_search(scorer.losses, 8, r),
         beam_search(scorer.losses, 8, r, width=3),
-        evolutionary_search(scorer.losses, 8, r, EvolutionSettings(population=6, budget=20), seed=seed),
+        evolutionary_search(scorer.losses, 8, r, EvolutionaryParams(population=6, budget=20), seed=seed),
     ):
         assert len(result.kept) == r and result.kept == sorted(result.kept)
         assert result.loss >= exact.loss
@@ -64,22 +65,22 @@ def test_greedy_and_beam_match_enumeration_on_small_problems(seed: int) -> None:
 def test_candidate_counts_match_the_plan() -> None:
     scorer, _ = dense_scorer(0)
     greedy = greedy_search(scorer.losses, 8, 4)
-    assert greedy.evaluated == planned_candidates("greedy", 8, 4) == 8 + 7 + 6 + 5
+    assert greedy.evaluated == planned_candidates("greedy", 8, 4, SearchParams()) == 8 + 7 + 6 + 5
     beam = beam_search(scorer.losses, 8, 4, width=3)
-    assert beam.evaluated <= planned_candidates("beam", 8, 4, beam_width=3)
-    evo = evolutionary_search(scorer.losses, 8, 4, EvolutionSettings(population=5, budget=23), seed=1)
-    assert evo.evaluated == 23 == planned_candidates("evolutionary", 8, 4, budget=23)
+    assert beam.evaluated <= planned_candidates("beam", 8, 4, SearchParams(beam_width=3))
+    evo = evolutionary_search(scorer.losses, 8, 4, EvolutionaryParams(population=5, budget=23), seed=1)
+    assert evo.evaluated == 23 == planned_candidates("evolutionary", 8, 4, SearchParams(evolutionary=EvolutionaryParams(budget=23)))
     assert len({tuple(row) for row in evo.candidates.tolist()}) == 23
-    assert planned_candidates("enumerate", 8, 4) == 70
+    assert planned_candidates("enumerate", 8, 4, SearchParams()) == 70
 
 
 def test_evolution_is_seeded_and_finds_the_optimum_when_the_budget_covers_everything() -> None:
     scorer, _ = dense_scorer(1)
-    settings = EvolutionSettings(population=8, mutation=0.15, crossover=0.3, budget=30)
+    settings = EvolutionaryParams(population=8, mutation=0.15, crossover=0.3, budget=30)
     a = evolutionary_search(scorer.losses, 8, 4, settings, seed=[0, 3])
     b = evolutionary_search(scorer.losses, 8, 4, settings, seed=[0, 3])
     assert (a.kept, a.loss) == (b.kept, b.loss) and torch.equal(a.candidates, b.candidates)
-    full = evolutionary_search(scorer.losses, 8, 4, EvolutionSettings(population=8, budget=500), seed=0)
+    full = evolutionary_search(scorer.losses, 8, 4, EvolutionaryParams(population=8, budget=500), seed=0)
     exact = enumerate_all(all_subsets(8, 4), scorer.losses(all_subsets(8, 4)))
     assert full.evaluated == 70 and (full.kept, full.loss) == (exact.kept, exact.loss)
 
@@ -121,3 +122,25 @@ def test_baselines_follow_their_definitions() -> None:
     assert baselines.random_experts(8, 4, seed=0, layer=1) == baselines.random_experts(8, 4, seed=0, layer=1)
     draws = {tuple(baselines.random_experts(8, 4, seed=0, layer=i)) for i in range(8)}
     assert len(draws) > 1 and all(len(set(d)) == 4 for d in draws)
+
+
+def test_config_driver_and_docs_agree_with_the_strategy_registry() -> None:
+    """search.strategy / search.baselines allow exactly the registry's names; each name has a function and a row in the docs."""
+    assert get_args(SearchParams.model_fields["strategy"].annotation) == registry.STRATEGY_NAMES
+    (baseline,) = get_args(SearchParams.model_fields["baselines"].annotation)
+    assert get_args(baseline) == registry.BASELINE_NAMES
+    assert SearchParams().baselines == list(registry.BASELINE_NAMES)
+    for name in registry.STRATEGY_NAMES:
+        assert SearchParams(strategy=name).strategy == name
+    with pytest.raises(ValueError, match="strategy"):
+        SearchParams(strategy="enumerat")
+    with pytest.raises(ValueError, match="baselines"):
+        SearchParams(baselines=["greedy"])
+    for name, strategy in registry.STRATEGIES.items():
+        assert callable(strategy.load()), name
+        assert strategy.planned(8, 4, SearchParams()) >= 1
+    assert registry.resolve("auto", 8, 4, 70) in registry.STRATEGIES
+    with pytest.raises(PipelineError, match="unknown strategy"):
+        registry.get("auto")
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "search.md").read_text()
+    assert registry.strategies_table() in docs, "docs/search.md is stale: paste pipeline.search.registry.strategies_table()"

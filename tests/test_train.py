@@ -14,7 +14,8 @@ import torch
 import yaml
 
 from pipeline.config import EmbeddedModelParams, TrainParams
-from pipeline.corpus import CorpusSettings, EvalSettings, build_corpus, build_eval, corpus_manifest, write_corpus
+from pipeline.config import CorpusEvalParams, CorpusParams
+from pipeline.corpus import build_corpus, build_eval, corpus_manifest, write_corpus
 from pipeline.errors import PipelineError
 from pipeline.models.loading import checkpoint_fingerprint
 from pipeline.train import (
@@ -66,11 +67,13 @@ def one_thread():
 @pytest.fixture(scope="module")
 def corpus_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("corpus")
-    settings = CorpusSettings(domains=DOMAINS, seed=1, max_chars_per_domain=30_000, doc_chars=400, test_fraction=0.1)
-    ev_settings = EvalSettings(mc_items_per_domain=4, ppl_docs_per_domain=2)
+    ev_settings = CorpusEvalParams(mc_items_per_domain=4, ppl_docs_per_domain=2)
+    settings = CorpusParams(
+        domains=list(DOMAINS), seed=1, max_chars_per_domain=30_000, doc_chars=400, test_fraction=0.1, eval=ev_settings
+    )
     corpus = build_corpus(settings)
     evals = build_eval(corpus, DOMAINS, ev_settings, 1)
-    write_corpus(out, corpus, evals, corpus_manifest(corpus, evals, settings, ev_settings))
+    write_corpus(out, corpus, evals, corpus_manifest(corpus, evals, settings))
     return out / "data"
 
 

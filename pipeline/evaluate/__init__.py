@@ -10,13 +10,12 @@
 """
 
 from pipeline.evaluate.report import VariantResult, build_metrics, check_metrics, render_report, write_plots
-from pipeline.evaluate.runner import BenchmarkSettings, SpeedSettings, Variant, run_benchmark
+from pipeline.evaluate.runner import BenchmarkSetup, Variant, run_benchmark
 from pipeline.evaluate.tasks import EMBEDDED, select_tasks
 
 __all__ = [
     "EMBEDDED",
-    "BenchmarkSettings",
-    "SpeedSettings",
+    "BenchmarkSetup",
     "Variant",
     "VariantResult",
     "build_metrics",

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from pipeline.config import BenchmarkParams
 from pipeline.errors import PipelineError
 from pipeline.evaluate.lmeval import evaluate_checkpoint_vllm, evaluate_model, task_metrics
 from pipeline.evaluate.memory import PeakMemory, weight_bytes
@@ -31,10 +32,6 @@ from pipeline.evaluate.tasks import MC_SUFFIX, PPL_SUFFIX, expand_presets, selec
 from pipeline.io import write_json
 
 log = logging.getLogger(__name__)
-
-#: The default experts implementation every variant runs (one that does not compute skipped slots).
-EXPERTS_IMPLEMENTATION = "eager"
-
 
 @dataclass(frozen=True)
 class Variant:
@@ -52,31 +49,13 @@ class Variant:
 
 
 @dataclass(frozen=True)
-class SpeedSettings:
-    """Greedy decoding at batch size 1: ``prompts`` prompts x ``new_tokens`` tokens, repeated."""
+class BenchmarkSetup:
+    """The ``benchmark`` params and where the variants run (device, dtype and remote code from ``runtime``)."""
 
-    prompts: int = 4
-    new_tokens: int = 48
-    repeats: int = 3
-    warmup: int = 1
-
-
-@dataclass(frozen=True)
-class BenchmarkSettings:
-    """Everything the benchmark needs besides the variants."""
-
-    tasks: Sequence[str]
+    params: BenchmarkParams
     device: torch.device
     dtype: torch.dtype
-    num_fewshot: Mapping[str, int] = field(default_factory=dict)
-    limit: int | None = None
-    batch_size: int = 16
-    backend: str = "hf"
-    device_map: str | None = None
-    trust_remote_code: bool = False
-    speed: SpeedSettings = SpeedSettings()
-    vllm_args: Mapping[str, Any] = field(default_factory=dict)
-    experts_implementation: str = EXPERTS_IMPLEMENTATION
+    trust_remote_code: bool
 
 
 def _json_safe(obj: Any) -> Any:
@@ -114,7 +93,7 @@ def prompt_texts(eval_dir: str | Path) -> list[str]:
 class ModelLoader:
     """Loads variants' checkpoints with the benchmark's device, dtype and device map."""
 
-    def __init__(self, settings: BenchmarkSettings) -> None:
+    def __init__(self, settings: BenchmarkSetup) -> None:
         self.settings = settings
 
     def model(self, path: Path) -> Any:
@@ -127,8 +106,8 @@ class ModelLoader:
             dtype=s.dtype,
             device=s.device,
             trust_remote_code=s.trust_remote_code,
-            device_map=s.device_map,
-            experts_implementation=s.experts_implementation,
+            device_map=s.params.device_map,
+            experts_implementation=s.params.experts_implementation,
         )
 
     def tokenizer(self, path: Path) -> Any:
@@ -172,7 +151,7 @@ def _skipping(model: Any, variant: Variant) -> Any:
 
 def run_accuracy(
     variants: Sequence[Variant],
-    settings: BenchmarkSettings,
+    settings: BenchmarkSetup,
     eval_dir: Path | None,
     results_dir: Path,
     loader: ModelLoader | None = None,
@@ -181,10 +160,10 @@ def run_accuracy(
     loader = loader or ModelLoader(settings)
     results_dir.mkdir(parents=True, exist_ok=True)
     out: dict[str, VariantResult] = {}
-    names, num_fewshot = expand_presets(settings.tasks, settings.num_fewshot)
+    names, num_fewshot = expand_presets(settings.params.tasks, settings.params.num_fewshot)
     with select_tasks(names, eval_dir) as selection:
         for path, group in _by_checkpoint(variants).items():
-            if settings.backend == "vllm":
+            if settings.params.backend == "vllm":
                 for v in group:
                     if v.skip:
                         raise PipelineError(
@@ -194,11 +173,11 @@ def run_accuracy(
                         path,
                         selection,
                         dtype=str(settings.dtype).removeprefix("torch."),
-                        batch_size=settings.batch_size,
-                        limit=settings.limit,
+                        batch_size=settings.params.batch_size,
+                        limit=settings.params.limit,
                         num_fewshot=num_fewshot,
                         trust_remote_code=settings.trust_remote_code,
-                        model_args=settings.vllm_args,
+                        model_args=settings.params.vllm_args,
                     )
                     write_json(results_dir / f"{v.name}.json", _json_safe(raw))
                     out[v.name] = VariantResult(name=v.name, tasks=task_metrics(raw, rows), weight_bytes=0)
@@ -215,8 +194,8 @@ def run_accuracy(
                             model,
                             tokenizer,
                             selection,
-                            batch_size=settings.batch_size,
-                            limit=settings.limit,
+                            batch_size=settings.params.batch_size,
+                            limit=settings.params.limit,
                             num_fewshot=num_fewshot,
                         )
                     skip_stats = handle.stats() if handle is not None else {}
@@ -240,7 +219,7 @@ def run_accuracy(
 
 def run_speed(
     variants: Sequence[Variant],
-    settings: BenchmarkSettings,
+    settings: BenchmarkSetup,
     texts: Sequence[str],
     loader: ModelLoader | None = None,
 ) -> tuple[dict[str, SpeedResult], dict[str, int], dict[str, int | None]]:
@@ -254,7 +233,7 @@ def run_speed(
     wbytes: dict[str, int] = {}
     experts: dict[str, int | None] = {}
     prompts: list[torch.Tensor] | None = None
-    sp = settings.speed
+    sp = settings.params.speed
     try:
         for path, group in _by_checkpoint(variants).items():
             model = models[path] = loader.model(path)
@@ -277,7 +256,7 @@ def run_speed(
 
 def run_benchmark(
     variants: Sequence[Variant],
-    settings: BenchmarkSettings,
+    settings: BenchmarkSetup,
     eval_dir: Path | None,
     results_dir: Path,
 ) -> list[VariantResult]:
@@ -298,15 +277,15 @@ def run_benchmark(
         _json_safe(
             {
                 "settings": {
-                    "prompts": settings.speed.prompts,
-                    "new_tokens": settings.speed.new_tokens,
-                    "repeats": settings.speed.repeats,
-                    "warmup": settings.speed.warmup,
+                    "prompts": settings.params.speed.prompts,
+                    "new_tokens": settings.params.speed.new_tokens,
+                    "repeats": settings.params.speed.repeats,
+                    "warmup": settings.params.speed.warmup,
                     "batch_size": 1,
                     "decoding": "greedy",
                     "device": str(settings.device),
                     "dtype": str(settings.dtype).removeprefix("torch."),
-                    "experts_implementation": settings.experts_implementation,
+                    "experts_implementation": settings.params.experts_implementation,
                 },
                 "variants": {
                     name: {
@@ -430,19 +409,19 @@ def describe_settings(
     manifest: Mapping[str, Any],
     selection: Mapping[str, Any] | None,
     thresholds: Mapping[str, Any] | None,
-    settings: BenchmarkSettings,
+    settings: BenchmarkSetup,
 ) -> dict[str, str]:
     """Human-readable settings for the report: model, pruning, skipping, device and protocol."""
-    sel, th, sp = selection or {}, thresholds or {}, settings.speed
+    sel, th, sp = selection or {}, thresholds or {}, settings.params.speed
     return {
         "model": f"{manifest.get('source')} ({manifest.get('model_type')}, {manifest.get('num_experts')} experts, "
         f"top-{manifest.get('top_k')})",
         "pruning": f"{sel.get('strategy')} / {sel.get('mode')}, r={sel.get('r')}, calibration {sel.get('calibration')}",
         "skipping": f"quantile {th.get('quantile')}, calibration {th.get('calibration')}" if thresholds else "-",
         "device / dtype": f"{settings.device} / {str(settings.dtype).removeprefix('torch.')} "
-        f"(device_map {settings.device_map}), experts implementation {settings.experts_implementation}",
-        "lm-eval": f"backend {settings.backend}{f' {dict(settings.vllm_args)}' if settings.backend == 'vllm' and settings.vllm_args else ''}, tasks {list(settings.tasks)}, "
-        f"num_fewshot {dict(settings.num_fewshot)}, limit {settings.limit}, batch size {settings.batch_size}",
+        f"(device_map {settings.params.device_map}), experts implementation {settings.params.experts_implementation}",
+        "lm-eval": f"backend {settings.params.backend}{f' {dict(settings.params.vllm_args)}' if settings.params.backend == 'vllm' and settings.params.vllm_args else ''}, tasks {list(settings.params.tasks)}, "
+        f"num_fewshot {dict(settings.params.num_fewshot)}, limit {settings.params.limit}, batch size {settings.params.batch_size}",
         "speed": f"greedy, batch size 1, {sp.prompts} prompts x {sp.new_tokens} new tokens, median of {sp.repeats} "
         f"interleaved repeats after {max(1, sp.warmup)} untimed",
     }

@@ -10,12 +10,13 @@ override the methods that differ.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from pipeline.config import validate_r
 from pipeline.errors import PipelineError
 from pipeline.models.routing import RoutingRule
 
@@ -85,10 +86,8 @@ class MoEAdapter:
         return {self.num_experts_key: r}
 
     def check_r(self, config: Any, r: int) -> None:
-        """Raise unless ``top_k <= r <= n`` (``r`` experts kept per MoE layer)."""
-        n, k = self.num_experts(config), self.top_k(config)
-        if not k <= r <= n:
-            raise PipelineError(f"r={r}: must keep between top_k={k} and all {n} experts of a {self.family} layer")
+        """Raise unless a model with ``config`` can keep ``r`` experts per MoE layer (``top_k <= r <= n``)."""
+        validate_r(r, self.num_experts(config), self.top_k(config), key="r", keep_all=True)
 
     def pruned_config(self, config: Any, r: int) -> Any:
         """A copy of ``config`` for a model that keeps ``r`` experts per MoE layer."""
@@ -353,26 +352,6 @@ class MoEAdapter:
         for name, param in new.named_parameters():
             if param.is_meta:
                 raise PipelineError(f"parameter {name} of {type(new).__name__} was not restored after pruning")
-
-    def prune_model(self, model: nn.Module, kept: Mapping[int, Sequence[int]]) -> Any:
-        """Prune ``model`` in place: layer ``i`` keeps experts ``kept[i]``; returns the model's config.
-
-        Every MoE layer must be listed, each with the same number ``r`` of experts. The model's
-        config object is updated in place (:meth:`config_updates`) and the new blocks refer to
-        it, so later ``set_experts_implementation`` / ``save_pretrained`` calls see one config.
-        """
-        moe_layers = self.moe_layer_indices(model)
-        if sorted(int(i) for i in kept) != moe_layers:
-            raise PipelineError(f"kept experts are given for layers {sorted(kept)}, the MoE layers are {moe_layers}")
-        sizes = {len(v) for v in kept.values()}
-        if len(sizes) != 1:
-            raise PipelineError(f"every MoE layer must keep the same number of experts, got sizes {sorted(sizes)}")
-        r = sizes.pop()
-        pruned = self.pruned_config(model.config, r)
-        layers = self.decoder_layers(model)
-        for i in moe_layers:
-            self.set_moe_block(layers[i], self.prune_block(self.moe_block(layers[i]), kept[i], pruned, i))
-        return self.adopt_pruned_config(model, pruned, r)
 
     def adopt_pruned_config(self, model: nn.Module, pruned_config: Any, r: int) -> Any:
         """Make the model's own config describe ``r`` experts per layer, after its blocks were pruned.

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.errors import PipelineError
 from pipeline.models.base import MoEAdapter
 from pipeline.models.registry import register
 from pipeline.models.routing import RoutingRule, SparseMixer
@@ -35,9 +34,3 @@ class PhimoeAdapter(MoEAdapter):
     def routing_rule(self, config: Any) -> RoutingRule:
         """SparseMixer with the config's ``router_jitter_noise`` as its threshold."""
         return SparseMixer(top_k=2, jitter_eps=float(self.text_config(config).router_jitter_noise))
-
-    def check_r(self, config: Any, r: int) -> None:
-        """SparseMixer needs two experts to choose from."""
-        super().check_r(config, r)
-        if r < 2:
-            raise PipelineError(f"r={r}: Phi-3.5-MoE routes every token to 2 experts")

@@ -9,8 +9,7 @@ import numpy as np
 import torch
 
 from pipeline.search.scoring import RoutingStats
-
-BASELINES = ("frequency", "random", "reap")
+from pipeline.search.strategies import LayerProblem, StrategyResult
 
 
 def _top(scores: torch.Tensor, r: int) -> list[int]:
@@ -35,12 +34,16 @@ def random_experts(n: int, r: int, seed: int, layer: int) -> list[int]:
     return sorted(int(e) for e in rng.choice(n, size=r, replace=False))
 
 
-def select(name: str, stats: RoutingStats, n: int, r: int, seed: int, layer: int) -> list[int]:
-    """The kept set of baseline ``name``."""
-    if name == "frequency":
-        return frequency(stats, r)
-    if name == "reap":
-        return reap(stats, r)
-    if name == "random":
-        return random_experts(n, r, seed, layer)
-    raise ValueError(f"unknown baseline {name!r} (known: {', '.join(BASELINES)})")
+def frequency_layer(p: LayerProblem) -> StrategyResult:
+    """:func:`frequency` on one layer, scored."""
+    return p.single(frequency(p.stats, p.r))
+
+
+def reap_layer(p: LayerProblem) -> StrategyResult:
+    """:func:`reap` on one layer, scored."""
+    return p.single(reap(p.stats, p.r))
+
+
+def random_layer(p: LayerProblem) -> StrategyResult:
+    """:func:`random_experts` on one layer, scored."""
+    return p.single(random_experts(p.n, p.r, p.params.seed, p.layer))

@@ -10,22 +10,12 @@ once, and the search stops after ``budget`` distinct sets (or when every set has
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from pipeline.search.strategies import Fitness, StrategyResult, best_of
-
-
-@dataclass(frozen=True)
-class EvolutionSettings:
-    """Population size, per-gene mutation rate, crossover rate and the budget of distinct candidates."""
-
-    population: int = 16
-    mutation: float = 0.15
-    crossover: float = 0.3
-    budget: int = 400
+from pipeline.config import EvolutionaryParams
+from pipeline.search.strategies import Fitness, LayerProblem, StrategyResult, best_of
 
 
 def _random_set(rng: np.random.Generator, n: int, r: int) -> tuple[int, ...]:
@@ -50,7 +40,7 @@ def _mutate(rng: np.random.Generator, s: tuple[int, ...], n: int, rate: float) -
 
 
 def evolutionary_search(
-    fitness: Fitness, n: int, r: int, settings: EvolutionSettings, seed: int | list[int]
+    fitness: Fitness, n: int, r: int, settings: EvolutionaryParams, seed: int | list[int]
 ) -> StrategyResult:
     """Minimise ``fitness`` over ``r``-subsets of ``range(n)`` with at most ``settings.budget`` evaluations."""
     rng = np.random.default_rng(seed)
@@ -100,3 +90,8 @@ def evolutionary_search(
     losses = torch.tensor([seen[s] for s in sets], dtype=torch.float64)
     i = best_of(kept, losses)
     return StrategyResult(kept[i].tolist(), float(losses[i]), len(sets), kept, losses)
+
+
+def evolutionary_layer(p: LayerProblem) -> StrategyResult:
+    """:func:`evolutionary_search` on one layer, seeded by ``(search.seed, layer)``."""
+    return evolutionary_search(p.losses, p.n, p.r, p.params.evolutionary, seed=[p.params.seed, p.layer])

@@ -14,18 +14,7 @@ import torch
 from torch import nn
 
 from pipeline.models.base import MoEAdapter
-
-
-@torch.no_grad()
-def batch_outputs(adapter: MoEAdapter, block: nn.Module, x: torch.Tensor, tokens_per_batch: int) -> list[torch.Tensor]:
-    """The block's own output on each calibration batch (``tokens_per_batch`` consecutive tokens)."""
-    dtype = next(block.parameters()).dtype
-    device = next(block.parameters()).device
-    flat = x.reshape(-1, x.shape[-1])
-    return [
-        adapter.block_output(block, flat[s : s + tokens_per_batch].to(device, dtype))
-        for s in range(0, flat.shape[0], tokens_per_batch)
-    ]
+from pipeline.models.outputs import outputs_of
 
 
 @torch.no_grad()
@@ -43,12 +32,12 @@ def reference_losses(
     """``loss(S)`` for each kept set ``S``, by pruning the block and running its forward per batch.
 
     ``x`` is ``[N, L, d]`` or ``[T, d]`` in sequence order; ``full`` is the unpruned block's
-    :func:`batch_outputs` on it, where the caller already has them. Returns ``[C]`` float64.
+    :func:`~pipeline.models.outputs.outputs_of` on it, where the caller already has them. Returns ``[C]`` float64.
     """
     rows = [sorted(int(e) for e in row) for row in (candidates.tolist() if isinstance(candidates, torch.Tensor) else candidates)]
     flat = x.reshape(-1, x.shape[-1])
     if full is None:
-        full = batch_outputs(adapter, block, flat, tokens_per_batch)
+        full = outputs_of(adapter, block, flat, tokens_per_batch)
     n = adapter.block_num_experts(block)
     out = torch.empty(len(rows), dtype=torch.float64)
     pruned_configs: dict[int, Any] = {}
@@ -57,7 +46,7 @@ def reference_losses(
         if m not in pruned_configs:
             pruned_configs[m] = config if m == n else adapter.pruned_config(config, m)
         pruned = adapter.prune_block(block, kept, pruned_configs[m], layer_idx)
-        approx = batch_outputs(adapter, pruned, flat, tokens_per_batch)
+        approx = outputs_of(adapter, pruned, flat, tokens_per_batch)
         total = 0.0
         for z, z_hat in zip(full, approx, strict=True):
             total += float(torch.linalg.vector_norm((z.double() - z_hat.double()).reshape(-1)))

@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.io import atomic_write_text, write_json
-from pipeline.search.run import LayerResult, SearchSettings
+from pipeline.config import SearchParams
+from pipeline.search.run import LayerResult
 
 #: Above this many candidates per layer the DVC data file holds quantiles instead of every loss.
 MAX_POINTS_PER_LAYER = 1000
@@ -26,7 +27,7 @@ def kept_label(kept: Sequence[int]) -> str:
 
 def selection(
     results: Sequence[LayerResult],
-    settings: SearchSettings,
+    settings: SearchParams,
     *,
     calibration: str,
     model_fingerprint: str,

@@ -23,22 +23,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.config import SearchParams, validate_r
 from pipeline.errors import PipelineError
 from pipeline.io import load_tensors, read_json, save_tensors, write_json
 from pipeline.models.base import MoEAdapter
-from pipeline.search import baselines as baseline_sets
-from pipeline.search.evolutionary import EvolutionSettings, evolutionary_search
-from pipeline.search.reference import batch_outputs, reference_losses
+from pipeline.search import registry
+from pipeline.models.outputs import outputs_of
+from pipeline.search.reference import reference_losses
 from pipeline.search.scoring import CACHE_BYTES, LayerScorer
-from pipeline.search.strategies import (
-    StrategyResult,
-    beam_search,
-    enumerate_all,
-    greedy_search,
-    planned_candidates,
-    resolve,
-    validate_r,
-)
+from pipeline.search.strategies import LayerProblem
 from pipeline.streaming import layer_on_device, stream_layers
 
 log = logging.getLogger(__name__)
@@ -48,41 +41,6 @@ VERIFY_RTOL = {torch.float32: 1e-4, torch.float64: 1e-8}
 VERIFY_RTOL_LOW_PRECISION = 3e-2
 #: Absolute allowance of ``search.verify``: this many epsilons of the block's dtype times ``sum_b ||Z_b||``.
 VERIFY_EPS_FACTOR = 16
-
-
-@dataclass(frozen=True)
-class SearchSettings:
-    """The ``search`` params the driver uses (see params.yaml)."""
-
-    r: int
-    strategy: str = "auto"
-    mode: str = "layerwise"
-    enumerate_budget: int = 100_000
-    beam_width: int = 4
-    evolution: EvolutionSettings = EvolutionSettings()
-    baselines: tuple[str, ...] = baseline_sets.BASELINES
-    loss_batch_size: int = 1
-    token_chunk: int = 8192
-    verify: bool = True
-    seed: int = 0
-
-    @classmethod
-    def from_params(cls, p: Any) -> SearchSettings:
-        """From the validated ``search`` params section."""
-        evo = p.evolutionary
-        return cls(
-            r=p.r,
-            strategy=p.strategy,
-            mode=p.mode,
-            enumerate_budget=p.enumerate_budget,
-            beam_width=p.beam_width,
-            evolution=EvolutionSettings(evo.population, evo.mutation, evo.crossover, evo.budget),
-            baselines=tuple(p.baselines),
-            loss_batch_size=p.loss_batch_size,
-            token_chunk=p.token_chunk,
-            verify=p.verify,
-            seed=p.seed,
-        )
 
 
 @dataclass
@@ -143,24 +101,6 @@ def load_layer(work_dir: Path | None, layer: int) -> LayerResult | None:
 
 
 # -- one layer --------------------------------------------------------------------------------------
-class _Memo:
-    """Losses of kept sets, each computed once; shared by the strategy and the baselines."""
-
-    def __init__(self, scorer: LayerScorer) -> None:
-        self.scorer = scorer
-        self.known: dict[tuple[int, ...], float] = {}
-
-    def add(self, kept: torch.Tensor, losses: torch.Tensor) -> None:
-        self.known.update(zip(map(tuple, kept.tolist()), losses.tolist(), strict=True))
-
-    def __call__(self, kept: torch.Tensor) -> torch.Tensor:
-        rows = [tuple(r) for r in kept.tolist()]
-        todo = sorted({r for r in rows if r not in self.known})
-        if todo:
-            self.add(torch.tensor(todo, dtype=torch.long), self.scorer.losses(torch.tensor(todo, dtype=torch.long)))
-        return torch.tensor([self.known[r] for r in rows], dtype=torch.float64)
-
-
 def _check_finite(losses: torch.Tensor, layer: int) -> None:
     if not bool(torch.isfinite(losses).all()):
         raise PipelineError(
@@ -175,7 +115,7 @@ def search_layer(
     config: Any,
     x: torch.Tensor,
     layer: int,
-    settings: SearchSettings,
+    settings: SearchParams,
     *,
     seq_len: int,
     device: torch.device | str = "cpu",
@@ -186,7 +126,7 @@ def search_layer(
     started = time.perf_counter()
     n, k, r = adapter.block_num_experts(block), adapter.top_k(config), settings.r
     validate_r(r, n, k)
-    strategy = resolve(settings.strategy, n, r, settings.enumerate_budget)
+    strategy = registry.resolve(settings.strategy, n, r, settings.enumerate_budget)
     scorer = LayerScorer(
         adapter,
         block,
@@ -198,38 +138,15 @@ def search_layer(
         spill_dir=spill_dir,
         cache_bytes=cache_bytes,
     )
-    memo = _Memo(scorer)
+    problem = LayerProblem(scorer, n, settings, layer)
     try:
-        if strategy == "enumerate":
-            kept_all, losses = scorer.score_subsets(r)
-            _check_finite(losses, layer)
-            memo.add(kept_all, losses)
-            result = enumerate_all(kept_all, losses)
-        else:
-            scorer.prepare()
-            if strategy == "greedy":
-                result = greedy_search(memo, n, r)
-            elif strategy == "beam":
-                result = beam_search(memo, n, r, settings.beam_width)
-            elif strategy == "evolutionary":
-                result = evolutionary_search(memo, n, r, settings.evolution, seed=[settings.seed, layer])
-            elif strategy in baseline_sets.BASELINES:
-                assert scorer.stats is not None
-                kept = baseline_sets.select(strategy, scorer.stats, n, r, settings.seed, layer)
-                kept_t = torch.tensor([kept], dtype=torch.long)
-                loss_t = memo(kept_t)
-                result = StrategyResult(kept, float(loss_t[0]), 1, kept_t, loss_t)
-            else:
-                raise PipelineError(f"search.strategy: unknown strategy {strategy!r}")
-            _check_finite(result.losses, layer)
-        assert scorer.stats is not None
-        stats = scorer.stats
+        result = registry.get(strategy).load()(problem)
+        _check_finite(result.losses, layer)
+        stats = problem.stats
         found: dict[str, dict[str, Any]] = {}
-        picks = {name: baseline_sets.select(name, stats, n, r, settings.seed, layer) for name in settings.baselines}
-        if picks:
-            losses_b = memo(torch.tensor(list(picks.values()), dtype=torch.long))
-            for (name, kept_b), loss_b in zip(picks.items(), losses_b.tolist(), strict=True):
-                found[name] = {"kept": kept_b, "loss": loss_b}
+        for name in settings.baselines:
+            picked = registry.get(name).load()(problem)
+            found[name] = {"kept": picked.kept, "loss": picked.loss}
     finally:
         scorer.close()
     verified = None
@@ -259,7 +176,7 @@ def verify_loss(
     kept: Sequence[int],
     loss: float,
     layer: int,
-    settings: SearchSettings,
+    settings: SearchParams,
     seq_len: int,
 ) -> float:
     """Recompute the chosen set's loss with the pruned block's own forward; raise if it disagrees.
@@ -269,7 +186,7 @@ def verify_loss(
     loss and, for losses near zero (dropped experts almost never routed), to ``sum_b ||Z_b||``.
     """
     tokens = settings.loss_batch_size * seq_len
-    full = batch_outputs(adapter, block, x, tokens)
+    full = outputs_of(adapter, block, x, tokens)
     direct = float(reference_losses(adapter, block, config, x, [list(kept)], tokens_per_batch=tokens, layer_idx=layer, full=full)[0])
     dtype = next(block.parameters()).dtype
     rtol = VERIFY_RTOL.get(dtype, VERIFY_RTOL_LOW_PRECISION)
@@ -290,7 +207,7 @@ def estimate_seconds(
     block: nn.Module,
     config: Any,
     x: torch.Tensor,
-    settings: SearchSettings,
+    settings: SearchParams,
     *,
     seq_len: int,
     num_layers: int,
@@ -305,10 +222,8 @@ def estimate_seconds(
     """
     n, k, r = adapter.block_num_experts(block), adapter.top_k(config), settings.r
     validate_r(r, n, k)
-    strategy = resolve(settings.strategy, n, r, settings.enumerate_budget)
-    planned = planned_candidates(
-        strategy, n, r, beam_width=settings.beam_width, budget=settings.evolution.budget
-    ) + len(settings.baselines)
+    strategy = registry.resolve(settings.strategy, n, r, settings.enumerate_budget)
+    planned = registry.planned_candidates(strategy, n, r, settings) + len(settings.baselines)
     flat = x.reshape(-1, x.shape[-1])
     tokens = flat.shape[0]
     sample = flat[: min(tokens, sample_tokens)]
@@ -338,7 +253,7 @@ def _spill(work_dir: Path | None) -> Path | None:
 
 
 def _announce(
-    strategy: str, planned: int, layers: int, seconds: float, settings: SearchSettings, n: int, device: torch.device | str
+    strategy: str, planned: int, layers: int, seconds: float, settings: SearchParams, n: int, device: torch.device | str
 ) -> None:
     if settings.strategy == "auto":
         how = f"{strategy} (auto: C({n}, {settings.r}) = {math.comb(n, settings.r)}, enumerate_budget {settings.enumerate_budget})"
@@ -356,7 +271,7 @@ def run_layerwise(
     config: Any,
     layers: Sequence[int],
     load: Callable[[int], torch.Tensor],
-    settings: SearchSettings,
+    settings: SearchParams,
     *,
     device: torch.device | str = "cpu",
     work_dir: Path | None = None,
@@ -404,7 +319,7 @@ def run_progressive(
     adapter: MoEAdapter,
     config: Any,
     input_ids: torch.Tensor,
-    settings: SearchSettings,
+    settings: SearchParams,
     *,
     batch_size: int,
     device: torch.device | str = "cpu",

@@ -2,22 +2,24 @@
 
 Every strategy minimises a loss given as ``fitness(kept [C, m]) -> [C]`` (ascending ids per row) and
 returns a :class:`StrategyResult`. Ties are broken towards the lexicographically smallest set, so a
-search is a deterministic function of its losses.
+search is a deterministic function of its losses. The ``*_layer`` functions run a strategy on one
+layer's :class:`LayerProblem`; :mod:`pipeline.search.registry` names them.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
-from pipeline.errors import PipelineError
+if TYPE_CHECKING:
+    from pipeline.config import SearchParams
+    from pipeline.search.scoring import LayerScorer, RoutingStats
 
 #: ``fitness(kept [C, m]) -> losses [C]`` (float64).
 Fitness = Callable[[torch.Tensor], torch.Tensor]
-SEARCHES = ("enumerate", "greedy", "beam", "evolutionary")
 
 
 @dataclass
@@ -37,38 +39,51 @@ def best_of(kept: torch.Tensor, losses: torch.Tensor) -> int:
     return min(ties, key=lambda i: kept[i].tolist())
 
 
-def validate_r(r: int, n: int, top_k: int, key: str = "search.r") -> None:
-    """Raise unless ``top_k <= r < n`` (a search must drop at least one expert)."""
-    if r <= 0:
-        raise PipelineError(f"{key}: must be a positive number of experts to keep (got {r})")
-    if r >= n:
-        raise PipelineError(f"{key}: must be below the model's {n} experts per layer (got {r})")
-    if r < top_k:
-        raise PipelineError(f"{key}: must be at least the model's top_k={top_k} (got {r})")
+@dataclass
+class LayerProblem:
+    """One layer's search: its scorer, expert count, search params and index; each set's loss computed once."""
 
+    scorer: LayerScorer
+    n: int
+    params: SearchParams
+    layer: int
+    known: dict[tuple[int, ...], float] = field(default_factory=dict, repr=False)
 
-def resolve(strategy: str, n: int, r: int, enumerate_budget: int) -> str:
-    """``auto`` -> ``enumerate`` when ``C(n, r) <= enumerate_budget``, else ``beam``; others unchanged."""
-    if strategy != "auto":
-        return strategy
-    return "enumerate" if math.comb(n, r) <= enumerate_budget else "beam"
+    @property
+    def r(self) -> int:
+        """Experts to keep."""
+        return self.params.r
 
+    @property
+    def stats(self) -> RoutingStats:
+        """The full model's routing statistics (after a dense pass if no pass ran yet)."""
+        self._ensure_pass()
+        assert self.scorer.stats is not None
+        return self.scorer.stats
 
-def planned_candidates(strategy: str, n: int, r: int, *, beam_width: int = 1, budget: int = 0) -> int:
-    """An upper bound on the sets a strategy scores per layer (before it runs)."""
-    if strategy == "enumerate":
-        return math.comb(n, r)
-    if strategy in ("greedy", "beam"):
-        width = 1 if strategy == "greedy" else beam_width
-        total, beams = 0, 1
-        for size in range(n - 1, r - 1, -1):
-            level = min(beams * (size + 1), math.comb(n, size))
-            total += level
-            beams = min(width, level)
-        return total
-    if strategy == "evolutionary":
-        return min(budget, math.comb(n, r))
-    return 1
+    def _ensure_pass(self) -> None:
+        if self.scorer.stats is None:
+            self.scorer.prepare()
+
+    def remember(self, kept: torch.Tensor, losses: torch.Tensor) -> None:
+        """Record already scored sets."""
+        self.known.update(zip(map(tuple, kept.tolist()), losses.tolist(), strict=True))
+
+    def losses(self, kept: torch.Tensor) -> torch.Tensor:
+        """Loss of each kept set ``[C, m]`` -> ``[C]`` float64 (the strategies' fitness)."""
+        rows = [tuple(r) for r in kept.tolist()]
+        todo = sorted({r for r in rows if r not in self.known})
+        if todo:
+            self._ensure_pass()
+            todo_t = torch.tensor(todo, dtype=torch.long)
+            self.remember(todo_t, self.scorer.losses(todo_t))
+        return torch.tensor([self.known[r] for r in rows], dtype=torch.float64)
+
+    def single(self, kept: Sequence[int]) -> StrategyResult:
+        """The result of a strategy that picks one set without search."""
+        kept_t = torch.tensor([list(kept)], dtype=torch.long)
+        loss_t = self.losses(kept_t)
+        return StrategyResult(list(kept), float(loss_t[0]), 1, kept_t, loss_t)
 
 
 def enumerate_all(kept: torch.Tensor, losses: torch.Tensor) -> StrategyResult:
@@ -101,3 +116,20 @@ def beam_search(fitness: Fitness, n: int, r: int, width: int) -> StrategyResult:
 def greedy_search(fitness: Fitness, n: int, r: int) -> StrategyResult:
     """Drop, one at a time, the expert whose removal raises the loss least (beam width 1)."""
     return beam_search(fitness, n, r, width=1)
+
+
+def enumerate_layer(p: LayerProblem) -> StrategyResult:
+    """Every ``r``-subset, from one pass computing only the needed expert outputs."""
+    kept, losses = p.scorer.score_subsets(p.r)
+    p.remember(kept, losses)
+    return enumerate_all(kept, losses)
+
+
+def greedy_layer(p: LayerProblem) -> StrategyResult:
+    """:func:`greedy_search` on one layer."""
+    return greedy_search(p.losses, p.n, p.r)
+
+
+def beam_layer(p: LayerProblem) -> StrategyResult:
+    """:func:`beam_search` of width ``search.beam_width`` on one layer."""
+    return beam_search(p.losses, p.n, p.r, p.params.beam_width)
