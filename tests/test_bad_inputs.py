@@ -1,8 +1,9 @@
 """The bad-input suite: every failure a user can cause, run as the real stage command.
 
 Each case copies a project that `dvc repro` completed (the session's ``compared_project``), breaks
-one thing (a param, a file, the environment), runs ``python -m stages.<stage>`` exactly as
-`dvc repro` does, and checks three things:
+one thing (a param, a file, the environment), runs the stage's command exactly as `dvc repro` does
+(tests/project.py ``run_stage``; ``calibration@general`` is ``python -m stages.calibration general``),
+and checks three things:
 
 * the exit status is 2;
 * stderr holds exactly one ``error: <stage>: ...`` line, naming the param or file, and no traceback;
@@ -21,7 +22,6 @@ import resource
 import shutil
 import sqlite3
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +31,7 @@ import pytest
 
 from pipeline.io import sha256_file
 from tests.factory import dense_checkpoint
-from tests.project import env, free_port, merge, read_params, set_params
+from tests.project import free_port, merge, read_params, run_stage, set_params
 
 pytestmark = pytest.mark.slow
 
@@ -115,6 +115,28 @@ def unwritable(path: Path) -> Iterator[None]:
             yield
         finally:
             path.chmod(mode)
+
+
+@contextlib.contextmanager
+def in_child(preexec: Callable[[], None] | None) -> Iterator[None]:
+    """Run ``preexec`` in the stage's process before it starts (``subprocess.run(preexec_fn=...)``).
+
+    tests/project.py ``run_stage`` takes no ``preexec_fn``; until it does, its ``subprocess.run``
+    gets one for the duration of the block (only the stage is started meanwhile).
+    """
+    if preexec is None:
+        yield
+        return
+    real = subprocess.run
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        return real(*args, preexec_fn=preexec, **kwargs)  # noqa: PLW1509 - a resource limit only
+
+    subprocess.run = run  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        subprocess.run = real  # type: ignore[assignment]
 
 
 def file_size_limit(limit: int) -> Callable[[], None]:
@@ -235,16 +257,16 @@ CASES = [
     Case("unsupported-moe-architecture", "model", r"model\.source .*jetmoe: model type 'jetmoe' is not a supported Mixture-of-Experts architecture",
          setup=_unsupported_moe_checkpoint),
     # calibration
-    Case("empty-calibration-data", "calibration", r"calibration\.sets\.general\.sources\[0\]\.path: .*empty\.jsonl is empty", setup=_empty_file),
-    Case("text-field-missing", "calibration", r"calibration\.sets\.general\.sources\[0\]\.text_field: .*docs\.jsonl has no column 'text' \(columns: body\)", setup=_wrong_text_field),
-    Case("text-too-short-for-one-block", "calibration", r"calibration\.sets\.general\.sources\[0\]: file .*short\.txt has only \d+ tokens, too short to fill one block", setup=_too_short_text),
-    Case("hub-dataset-while-offline", "calibration", r"calibration\.sets\.general\.sources\[0\]\.id: hub dataset 'no-such-org-zz9/no-such-dataset' is not in the local cache and downloads are disabled",
+    Case("empty-calibration-data", "calibration@general", r"calibration\.sets\.general\.sources\[0\]\.path: .*empty\.jsonl is empty", setup=_empty_file),
+    Case("text-field-missing", "calibration@general", r"calibration\.sets\.general\.sources\[0\]\.text_field: .*docs\.jsonl has no column 'text' \(columns: body\)", setup=_wrong_text_field),
+    Case("text-too-short-for-one-block", "calibration@general", r"calibration\.sets\.general\.sources\[0\]: file .*short\.txt has only \d+ tokens, too short to fill one block", setup=_too_short_text),
+    Case("hub-dataset-while-offline", "calibration@general", r"calibration\.sets\.general\.sources\[0\]\.id: hub dataset 'no-such-org-zz9/no-such-dataset' is not in the local cache and downloads are disabled",
          setup=_hub_dataset_offline),
-    Case("seq-len-above-model-limit", "calibration", r"params\.yaml: calibration\.sets\.general\.seq_len: 4096 exceeds the model's max_position_embeddings=128",
+    Case("seq-len-above-model-limit", "calibration@general", r"params\.yaml: calibration\.sets\.general\.seq_len: 4096 exceeds the model's max_position_embeddings=128",
          params={"calibration": {"sets": {"general": {"seq_len": 4096}}}}),
-    Case("zero-samples", "calibration", r"params\.yaml: calibration\.sets\.general\.num_samples: Input should be greater than or equal to 1 \(got 0\)",
+    Case("zero-samples", "calibration@general", r"params\.yaml: calibration\.sets\.general\.num_samples: Input should be greater than or equal to 1 \(got 0\)",
          params={"calibration": {"sets": {"general": {"num_samples": 0}}}}),
-    Case("negative-seed", "calibration", r"params\.yaml: calibration\.seed: Input should be greater than or equal to 0 \(got -1\)", params={"calibration": {"seed": -1}}),
+    Case("negative-seed", "calibration@general", r"params\.yaml: calibration\.seed: Input should be greater than or equal to 0 \(got -1\)", params={"calibration": {"seed": -1}}),
     # activations
     Case("dtype-the-device-cannot-run", "activations", r"runtime\.dtype: float16 is not supported on the CPU",
          params={"runtime": {"device": "cpu", "dtype": "float16"}}),
@@ -299,11 +321,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case: Case, done_projec
     if case.setup:
         case.setup(project)
     before, runs_before = snapshot(project), mlflow_runs(project)
-    with case.around(project) if case.around else contextlib.nullcontext():
-        proc = subprocess.run(
-            [sys.executable, "-m", f"stages.{case.stage}"], cwd=project, env=env(project, **case.env),
-            capture_output=True, text=True, timeout=600, preexec_fn=case.preexec,  # noqa: PLW1509 - a resource limit only
-        )
+    with case.around(project) if case.around else contextlib.nullcontext(), in_child(case.preexec):
+        proc = run_stage(project, case.stage, **case.env)
     detail = f"{case.id}:\n{proc.stderr[-3000:]}"
     assert proc.returncode == 2, detail
     assert "Traceback" not in proc.stderr, detail
@@ -324,7 +343,7 @@ def test_export_dir_left_half_written_by_a_crash_is_replaced_whole(done_project:
     (out / "model" / "model.safetensors").write_bytes(b"half")  # a checkpoint cut short
     (out / "model" / "stray.bin").write_bytes(b"x")
     (out.parent / f"export.tmp-{'0' * 8}").mkdir()  # the temporary of the crashed write
-    proc = subprocess.run([sys.executable, "-m", "stages.export"], cwd=project, env=env(project), capture_output=True, text=True)
+    proc = run_stage(project, "export")
     assert proc.returncode == 0, proc.stderr[-3000:]
     after = snapshot(out)
     assert "model/stray.bin" not in after and not list(out.parent.glob("export.tmp-*"))
