@@ -55,8 +55,9 @@ def pulled_clone(compared_project: Path, tmp_path_factory: pytest.TempPathFactor
 def test_dvc_pull_restores_every_output(compared_project: Path, pulled_clone: Path) -> None:
     a, b = compared_project, pulled_clone
     outs = lock_outs(a)
+    sets = [f"outputs/calibration/{name}/{file}" for name in ("general", "arith") for file in ("input_ids.safetensors", "manifest.json")]
     for must in ("outputs/model/checkpoint", "outputs/search/selection.json", "outputs/export/model",
-                 "outputs/activations/layers", "outputs/skip/model", "outputs/calibration"):
+                 "outputs/activations/layers", "outputs/skip/model", *sets):
         assert must in outs
     for out in outs:
         assert (b / out).exists(), f"{out} missing in the clone after dvc pull"
@@ -86,6 +87,7 @@ def test_shared_mlflow_server_records_a_teammates_run(pulled_clone: Path, tmp_pa
         assert found.data.metrics["loss"] > 0
         assert found.data.tags["git.commit"]
         assert found.data.tags["upstream.activations.run_id"]
+        assert found.data.tags["upstream.calibration/general.run_id"]  # the search's own set, from dvc.yaml deps
         listed = {a.path for a in client.list_artifacts(found.info.run_id)}
         assert "selection.json" in listed
         plots = {a.path for a in client.list_artifacts(found.info.run_id, "plots")}
