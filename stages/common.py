@@ -210,7 +210,7 @@ def stage(name: str) -> Callable[[Callable[[StageContext], None]], Callable[[], 
 
 def _run(name: str, item: str | None, fn: Callable[[StageContext], None]) -> None:
     started = time.time()
-    params = load_params(os.environ.get("PARAMS_FILE", "params.yaml"))
+    params = load_params("params.yaml")  # the file dvc.yaml's ${...} are resolved from
     st = specs.spec(name, ROOT)
     view = ParamsView(params, st.params, stage=name)
     from pipeline.runtime import configure_threads

@@ -11,6 +11,10 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from types import SimpleNamespace
+from typing import Any
+
+import yaml
 
 from pipeline.errors import PipelineError
 
@@ -42,35 +46,56 @@ class StageSpec:
         return tuple(d for d in self.deps if d.endswith(".py") or not d.startswith("outputs/"))
 
 
+def _entries(items: list[Any] | None) -> list[tuple[str, dict[str, Any]]]:
+    """``(path, options)`` of each entry of a deps/outs/metrics/plots list (``path`` or ``{path: options}``)."""
+    out: list[tuple[str, dict[str, Any]]] = []
+    for item in items or []:
+        if isinstance(item, dict):
+            out += [(str(path), dict(options or {})) for path, options in item.items()]
+        else:
+            out.append((str(item), {}))
+    return out
+
+
+def _params(items: list[Any] | None, name: str) -> tuple[str, ...]:
+    keys: list[str] = []
+    for item in items or []:
+        if isinstance(item, dict):  # {file: [keys]}: only params.yaml holds settings here
+            for file, sub in item.items():
+                if file != "params.yaml":
+                    raise PipelineError(f"dvc.yaml: stage {name!r} reads params from {file}; settings live in params.yaml")
+                keys += [str(k) for k in sub or []]
+        else:
+            keys.append(str(item))
+    return tuple(keys)
+
+
 @functools.cache
 def _specs(root: str) -> dict[str, StageSpec]:
     dvc_yaml = Path(root) / "dvc.yaml"
     if not dvc_yaml.is_file():
         raise PipelineError(f"{dvc_yaml} does not exist: run stages from the project root (dvc repro <stage>)")
-    from dvc.dependency.param import ParamsDependency
-    from dvc.exceptions import DvcException
-    from dvc.repo import Repo
+    # DVC's own resolver (foreach, ${...} from params.yaml), without opening a Repo: that would write
+    # DVC's state database, which a stage must not do while `dvc repro` runs it.
+    from dvc.fs import LocalFileSystem
+    from dvc.parsing import DataResolver
 
     try:
-        with Repo(root, uninitialized=True) as repo:
-            stages = list(repo.index.stages)
-    except DvcException as exc:
-        raise PipelineError(f"{dvc_yaml}: {exc}") from None
+        raw = yaml.safe_load(dvc_yaml.read_text(encoding="utf-8")) or {}
+        resolved = DataResolver(SimpleNamespace(fs=LocalFileSystem(), config={}), root, raw).resolve()
+    except Exception as exc:  # noqa: BLE001 - DVC's parse errors have no common base; report them in one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PipelineError(f"{dvc_yaml}: {first}") from None
     specs: dict[str, StageSpec] = {}
-    for st in stages:
-        if not hasattr(st, "cmd"):
-            continue  # .dvc files tracked outside the pipeline
-        params = tuple(
-            key for dep in st.deps if isinstance(dep, ParamsDependency) for key in (dep.params or [])
-        )
-        deps = tuple(str(dep.def_path) for dep in st.deps if not isinstance(dep, ParamsDependency))
-        specs[st.name] = StageSpec(
-            name=st.name,
-            cmd=str(st.cmd),
-            deps=deps,
-            params=params,
-            outs=tuple(str(o.def_path) for o in st.outs),
-            cached_outs=tuple(str(o.def_path) for o in st.outs if o.use_cache),
+    for name, body in (resolved.get("stages") or {}).items():
+        outs = [*_entries(body.get("outs")), *_entries(body.get("metrics")), *_entries(body.get("plots"))]
+        specs[name] = StageSpec(
+            name=name,
+            cmd=str(body.get("cmd", "")),
+            deps=tuple(path for path, _ in _entries(body.get("deps"))),
+            params=_params(body.get("params"), name),
+            outs=tuple(path for path, _ in outs),
+            cached_outs=tuple(path for path, options in outs if options.get("cache", True)),
         )
     return specs
 

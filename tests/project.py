@@ -13,7 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -130,10 +130,18 @@ def stage_dir_project(dest: Path, override: Mapping[str, Any] | None = None) -> 
     return dest
 
 
+def specs_changed(project: Path) -> None:
+    """Forget the stage declarations read so far (a test changed dvc.yaml or params.yaml)."""
+    from stages.spec import _specs
+
+    _specs.cache_clear()
+
+
 def write_run_records(project: Path, *stages: str) -> None:
     """``run.json`` of upstream ``stages`` (no MLflow run), as if they had run."""
     from stages.spec import RUN_RECORD, spec
 
+    specs_changed(project)
     for name in stages:
         path = project / spec(name, project).out_dir / RUN_RECORD
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -145,6 +153,7 @@ def write_calibration_set(project: Path, name: str, input_ids: Any) -> Path:
     from pipeline.calibration import input_ids_fingerprint, write_calibration_set as write
     from stages.spec import spec
 
+    specs_changed(project)
     folder = project / spec(f"calibration@{name}", project).out_dir
     manifest = {"name": name, "num_samples": int(input_ids.shape[0]), "seq_len": int(input_ids.shape[1]),
                 "num_tokens": int(input_ids.numel()), "sources": [], "fingerprint": input_ids_fingerprint(input_ids)}
@@ -154,16 +163,26 @@ def write_calibration_set(project: Path, name: str, input_ids: Any) -> Path:
 
 
 def run_stage(
-    project: Path, stage: str, *, timeout: int = 600, **extra_env: str
+    project: Path,
+    stage: str,
+    *,
+    timeout: int = 600,
+    preexec_fn: Callable[[], None] | None = None,
+    **extra_env: str,
 ) -> subprocess.CompletedProcess[str]:
     """``python -m stages.<stage>`` in ``project`` as ``dvc repro`` runs it (``calibration@arith`` runs
-    ``stages.calibration arith``); MLflow store ``<project>/mlflow.db``; code from the project when it
-    has a copy, else from this repo. Never raises on failure: tests read the status and stderr."""
+    ``stages.calibration arith``), with MLflow's store in ``<project>/mlflow.db``. The project's own
+    copy of the code wins where it has one (the working folder comes first on the import path); a
+    bare stage folder imports it from this repo. ``preexec_fn`` runs in the stage's process before it
+    starts (e.g. a resource limit). Never raises on failure: tests read the status and stderr."""
     script, _, item = stage.partition("@")
     extra_env.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
     extra_env.setdefault("PYTHONPATH", str(ROOT))
     cmd = [sys.executable, "-m", f"stages.{script}", *([item] if item else [])]
-    return subprocess.run(cmd, cwd=project, env=env(project, **extra_env), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        cmd, cwd=project, env=env(project, **extra_env), capture_output=True, text=True, timeout=timeout,
+        preexec_fn=preexec_fn,  # noqa: PLW1509 - resource limits only, no threads started here
+    )
 
 
 def set_params(project: Path, params: Mapping[str, Any]) -> None:

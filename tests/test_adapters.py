@@ -246,7 +246,6 @@ def test_pruned_block_equals_masked_routing(family: Family) -> None:
 
 def test_identity_prune_reproduces_logits_exactly(family: Family) -> None:
     adapter = family.adapter
-    n = adapter.num_experts(family.config)
     model = copy.deepcopy(family.model)
     prune_model(model, adapter, Selection.identity(model, adapter), progress=False)
     with torch.no_grad():

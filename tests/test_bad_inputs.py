@@ -117,28 +117,6 @@ def unwritable(path: Path) -> Iterator[None]:
             path.chmod(mode)
 
 
-@contextlib.contextmanager
-def in_child(preexec: Callable[[], None] | None) -> Iterator[None]:
-    """Run ``preexec`` in the stage's process before it starts (``subprocess.run(preexec_fn=...)``).
-
-    tests/project.py ``run_stage`` takes no ``preexec_fn``; until it does, its ``subprocess.run``
-    gets one for the duration of the block (only the stage is started meanwhile).
-    """
-    if preexec is None:
-        yield
-        return
-    real = subprocess.run
-
-    def run(*args: Any, **kwargs: Any) -> Any:
-        return real(*args, preexec_fn=preexec, **kwargs)  # noqa: PLW1509 - a resource limit only
-
-    subprocess.run = run  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        subprocess.run = real  # type: ignore[assignment]
-
-
 def file_size_limit(limit: int) -> Callable[[], None]:
     """A ``preexec_fn`` capping the size of any file the stage writes: its writes beyond ``limit``
     bytes fail the way a full disk does (Python ignores SIGXFSZ, so the write raises EFBIG)."""
@@ -321,8 +299,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case: Case, done_projec
     if case.setup:
         case.setup(project)
     before, runs_before = snapshot(project), mlflow_runs(project)
-    with case.around(project) if case.around else contextlib.nullcontext(), in_child(case.preexec):
-        proc = run_stage(project, case.stage, **case.env)
+    with case.around(project) if case.around else contextlib.nullcontext():
+        proc = run_stage(project, case.stage, preexec_fn=case.preexec, **case.env)
     detail = f"{case.id}:\n{proc.stderr[-3000:]}"
     assert proc.returncode == 2, detail
     assert "Traceback" not in proc.stderr, detail

@@ -5,14 +5,10 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
-import os
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
-import yaml
 
 from pipeline.corpus import (
     SPLITS,
@@ -26,8 +22,9 @@ from pipeline.corpus import (
 )
 from pipeline.config import CorpusEvalParams, CorpusParams
 from pipeline.errors import PipelineError
+from stages.spec import spec
+from tests.project import run_stage, stage_dir_project
 
-REPO = Path(__file__).resolve().parents[1]
 ALL = ("prose", "code", "arith", "data")
 EVAL = CorpusEvalParams(
     mc_items_per_domain=20,
@@ -194,24 +191,13 @@ def test_too_small_corpus_is_a_one_line_error():
     assert "\n" not in str(err.value)
 
 
-def _params(tmp_path: Path, **corpus_overrides) -> Path:
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["corpus"].update(corpus_overrides)
-    params["tracking"]["enabled"] = False
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(params))
-    return path
-
-
-def _run_stage(stage: str, cwd: Path, params: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PARAMS_FILE": str(params)}
-    return subprocess.run(
-        [sys.executable, "-m", f"stages.{stage}"], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
-    )
+def _project(tmp_path: Path, **corpus_overrides) -> Path:
+    """A bare stage folder whose params.yaml has ``corpus_overrides`` (no MLflow)."""
+    return stage_dir_project(tmp_path / "project", {"corpus": corpus_overrides, "tracking": {"enabled": False}})
 
 
 def test_corpus_stage_writes_the_declared_outputs(tmp_path):
-    params = _params(
+    project = _project(
         tmp_path,
         domains=["prose", "arith"],
         max_chars_per_domain=20_000,
@@ -219,13 +205,11 @@ def test_corpus_stage_writes_the_declared_outputs(tmp_path):
         test_fraction=0.2,
         eval=EVAL.model_dump(),
     )
-    proc = _run_stage("corpus", tmp_path, params)
+    proc = run_stage(project, "corpus")
     assert proc.returncode == 0, proc.stderr
-    out = tmp_path / "outputs" / "corpus"
-    spec = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["corpus"]
-    for entry in spec["outs"] + spec["metrics"]:
-        path = next(iter(entry)) if isinstance(entry, dict) else entry
-        assert (tmp_path / path).exists(), f"dvc.yaml declares {path} but the stage did not write it"
+    out = project / "outputs" / "corpus"
+    for path in spec("corpus", project).outs:
+        assert (project / path).exists(), f"dvc.yaml declares {path} but the stage did not write it"
     import datasets
 
     dd = datasets.load_from_disk(str(out / "data"))
@@ -245,8 +229,8 @@ def test_corpus_stage_writes_the_declared_outputs(tmp_path):
 
 
 def test_corpus_stage_error_is_one_line(tmp_path):
-    params = _params(tmp_path, domains=["prose", "arith"], max_chars_per_domain=10_000, doc_chars=6000)
-    proc = _run_stage("corpus", tmp_path, params)
+    project = _project(tmp_path, domains=["prose", "arith"], max_chars_per_domain=10_000, doc_chars=6000)
+    proc = run_stage(project, "corpus")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: corpus: corpus.max_chars_per_domain")
-    assert not (tmp_path / "outputs" / "corpus").exists()
+    assert not (project / "outputs" / "corpus").exists()

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -34,7 +31,9 @@ from pipeline.train import (
     train_embedded,
     train_model,
 )
+from stages.spec import spec
 from tests.factory import dense_checkpoint, save_tiny_checkpoint
+from tests.project import run_stage, set_params, stage_dir_project
 
 REPO = Path(__file__).resolve().parents[1]
 DOMAINS = ("prose", "code", "arith")
@@ -255,18 +254,8 @@ def test_missing_corpus_and_bad_seq_len(tmp_path, corpus_dir):
 
 
 # -- the DVC stage, end to end (real MLflow store, no mocks) -----------------------------------------
-def _stage_env(tmp_path: Path, params: dict) -> dict[str, str]:
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(params))
-    return {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
-        "PARAMS_FILE": str(path),
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-    }
-
-
 def _tiny_params(**model: object) -> dict:
+    """A tiny corpus and model (merged into params.yaml by tests/project.stage_dir_project)."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["corpus"].update(max_chars_per_domain=20_000, doc_chars=400, test_fraction=0.15)
     params["corpus"]["eval"].update(mc_items_per_domain=4, ppl_docs_per_domain=2)
@@ -283,20 +272,11 @@ def _tiny_params(**model: object) -> dict:
 
 @pytest.mark.slow
 def test_model_stage_end_to_end(tmp_path):
-    env = _stage_env(tmp_path, _tiny_params())
+    project = stage_dir_project(tmp_path, _tiny_params())
     for stage in ("corpus", "model"):
-        proc = subprocess.run(
-            [sys.executable, "-m", f"stages.{stage}"],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        proc = run_stage(project, stage)
         assert proc.returncode == 0, proc.stderr[-3000:]
-    spec = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["model"]
-    for entry in spec["outs"] + spec["metrics"]:
-        path = next(iter(entry)) if isinstance(entry, dict) else entry
+    for path in spec("model", project).outs:
         assert (tmp_path / path).exists(), f"dvc.yaml declares {path} but the stage did not write it"
     manifest = json.loads((tmp_path / "outputs/model/manifest.json").read_text())
     assert manifest["path"] == "outputs/model/checkpoint"
@@ -304,7 +284,7 @@ def test_model_stage_end_to_end(tmp_path):
     run = json.loads((tmp_path / "outputs/model/run.json").read_text())
     import mlflow
 
-    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     history = client.get_metric_history(run["run_id"], "train_loss")
     assert sorted(m.step for m in history) == list(range(12))
     data = client.get_run(run["run_id"]).data
@@ -321,26 +301,17 @@ def test_model_stage_with_a_local_checkpoint(tmp_path):
     ckpt = save_tiny_checkpoint(tmp_path / "tiny-moe")
     params = _tiny_params(source=str(ckpt))
     params["tracking"]["enabled"] = False
-    env = _stage_env(tmp_path, params)
+    project = stage_dir_project(tmp_path, params)
     for stage in ("corpus", "model"):
-        proc = subprocess.run(
-            [sys.executable, "-m", f"stages.{stage}"],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        proc = run_stage(project, stage)
         assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((tmp_path / "outputs/model/manifest.json").read_text())
     assert manifest["path"] == str(ckpt.resolve()) and manifest["fingerprint"] == checkpoint_fingerprint(ckpt)
     assert (tmp_path / "outputs/model/checkpoint/README.md").is_file()
     assert json.loads((tmp_path / "outputs/model/metrics.json").read_text())["num_experts"] == 8
     params["model"]["source"] = str(tmp_path / "gone")
-    env = _stage_env(tmp_path, params)
-    proc = subprocess.run(
-        [sys.executable, "-m", "stages.model"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
+    set_params(project, params)
+    proc = run_stage(project, "model")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: model: model.source: model path")
     assert json.loads((tmp_path / "outputs/model/manifest.json").read_text())["path"] == str(ckpt.resolve())
