@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -134,56 +134,40 @@ def _bin_weights_and_a_larger_tokenizer(path: Path) -> Values:
     return {}
 
 
-#: id, how the tiny Mixtral is saved, how it is broken, the error (``{name}``: the values the break returns).
-BROKEN: list[tuple[str, dict[str, object], Callable[[Path], Values], str]] = [
-    ("no-weight-files", {}, _no_weights,
-     r"model\.source: checkpoint {path} has no weights: none of model\.safetensors, model\.safetensors\.index\.json, "
-     r"pytorch_model\.bin, pytorch_model\.bin\.index\.json is there"),
-    ("shards-without-an-index", {"max_shard_size": SHARD_SIZE}, _no_index,
-     r"model\.source: checkpoint {path} has no weights: .*; it holds \d+ other \.safetensors files "
-     r"\(model-00001-of-\d+\.safetensors, \.\.\.\) but no index naming them"),
-    ("index-naming-a-missing-shard", {"max_shard_size": SHARD_SIZE}, _missing_shard,
-     r"model\.source: checkpoint index {path}/model\.safetensors\.index\.json names {count} shard files, "
-     r"1 of them missing from {path}: {shard}"),
-    ("index-not-covering-the-parameters", {"max_shard_size": SHARD_SIZE}, _index_without_attention,
-     r"model\.source: the weights of {path} \(model\.safetensors\.index\.json\) leave 4 of the model's 21 "
-     r"parameters without a tensor: model\.layers\.1\.self_attn\.\w+_proj\.weight, .*"),
-    ("shard-lacking-a-tensor-its-index-assigns-to-it", {"max_shard_size": SHARD_SIZE}, _tensor_moved_to_another_shard,
-     r"model\.source: checkpoint file {path}/{shard} lacks 1 of the \d+ tensors model\.safetensors\.index\.json "
-     r"assigns to it \(e\.g\. .+\)"),
-    ("single-file-not-covering-the-parameters", {}, _single_file_without_norm,
-     r"model\.source: the weights of {path} \(model\.safetensors\) leave 1 of the model's 21 parameters without a "
-     r"tensor: model\.norm\.weight"),
-    ("bin-index-naming-a-missing-shard", {}, _bin_index_missing_a_shard,
-     r"model\.source: checkpoint index {path}/pytorch_model\.bin\.index\.json names 2 shard files, 1 of them missing "
-     r"from {path}: pytorch_model-00002-of-00002\.bin"),
-    ("truncated-tensor-data", {}, lambda p: _cut(p / SINGLE_FILE, 200_000),
-     r"model\.source: checkpoint file {path}/model\.safetensors is truncated: its header describes {full} bytes "
-     r"\(\d+-byte header, \d+ bytes of tensors\), the file holds 200000"),
-    ("truncated-header", {"max_shard_size": SHARD_SIZE}, lambda p: _cut(p / shards(p)[0], 100),
-     r"model\.source: checkpoint file {path}/{name} is truncated: its header alone is \d+ bytes, the file holds 100"),
-    ("shorter-than-the-header-length", {}, lambda p: _cut(p / SINGLE_FILE, 4),
-     r"model\.source: checkpoint file {path}/model\.safetensors is truncated: 4 bytes, less than the 8-byte header "
-     r"length"),
-    ("data-past-the-tensors", {}, _extend,
-     r"model\.source: checkpoint file {path}/model\.safetensors is corrupt: its header describes \d+ bytes .*, "
-     r"the file holds \d+"),
-    ("tokenizer-larger-than-the-embedding", {}, _oversized_tokenizer,
-     r"model\.source: the tokenizer in {path} has 328 entries \(added tokens included\) but the model's input "
-     r"embedding has 320 rows \(model\.embed_tokens\.weight in model\.safetensors\); token ids 320 to 327 would "
-     r"index past it"),
-    ("tokenizer-against-the-config-vocab-size", {"vocab": 288}, _bin_weights_and_a_larger_tokenizer,
-     r"model\.source: the tokenizer in {path} has \d+ entries \(added tokens included\) but the model's input "
-     r"embedding has 288 rows \(vocab_size in config\.json\); token ids 288 to \d+ would index past it"),
+@dataclass(frozen=True)
+class Broken:
+    """A tiny Mixtral checkpoint (sharded: several files plus an index), broken by ``damage``, and the error it
+    must give (``{name}`` stands for the values ``damage`` returns, and ``{path}`` for the checkpoint)."""
+
+    id: str
+    damage: Callable[[Path], Values]
+    expected: str
+    sharded: bool = False
+    vocab: int = 320
+
+
+BROKEN = [
+    Broken("no-weight-files", _no_weights, r"model\.source: checkpoint {path} has no weights: none of model\.safetensors, model\.safetensors\.index\.json, pytorch_model\.bin, pytorch_model\.bin\.index\.json is there"),
+    Broken("shards-without-an-index", _no_index, r"model\.source: checkpoint {path} has no weights: .*; it holds \d+ other \.safetensors files \(model-00001-of-\d+\.safetensors, \.\.\.\) but no index naming them", sharded=True),
+    Broken("index-naming-a-missing-shard", _missing_shard, r"model\.source: checkpoint index {path}/model\.safetensors\.index\.json names {count} shard files, 1 of them missing from {path}: {shard}", sharded=True),
+    Broken("index-not-covering-the-parameters", _index_without_attention, r"model\.source: the weights of {path} \(model\.safetensors\.index\.json\) leave 4 of the model's 21 parameters without a tensor: model\.layers\.1\.self_attn\.\w+_proj\.weight, .*", sharded=True),
+    Broken("shard-lacking-a-tensor-its-index-assigns-to-it", _tensor_moved_to_another_shard, r"model\.source: checkpoint file {path}/{shard} lacks 1 of the \d+ tensors model\.safetensors\.index\.json assigns to it \(e\.g\. .+\)", sharded=True),
+    Broken("single-file-not-covering-the-parameters", _single_file_without_norm, r"model\.source: the weights of {path} \(model\.safetensors\) leave 1 of the model's 21 parameters without a tensor: model\.norm\.weight"),
+    Broken("bin-index-naming-a-missing-shard", _bin_index_missing_a_shard, r"model\.source: checkpoint index {path}/pytorch_model\.bin\.index\.json names 2 shard files, 1 of them missing from {path}: pytorch_model-00002-of-00002\.bin"),
+    Broken("truncated-tensor-data", lambda p: _cut(p / SINGLE_FILE, 200_000), r"model\.source: checkpoint file {path}/model\.safetensors is truncated: its header describes {full} bytes \(\d+-byte header, \d+ bytes of tensors\), the file holds 200000"),
+    Broken("truncated-header", lambda p: _cut(p / shards(p)[0], 100), r"model\.source: checkpoint file {path}/{name} is truncated: its header alone is \d+ bytes, the file holds 100", sharded=True),
+    Broken("shorter-than-the-header-length", lambda p: _cut(p / SINGLE_FILE, 4), r"model\.source: checkpoint file {path}/model\.safetensors is truncated: 4 bytes, less than the 8-byte header length"),
+    Broken("data-past-the-tensors", _extend, r"model\.source: checkpoint file {path}/model\.safetensors is corrupt: its header describes \d+ bytes .*, the file holds \d+"),
+    Broken("tokenizer-larger-than-the-embedding", _oversized_tokenizer, r"model\.source: the tokenizer in {path} has 328 entries \(added tokens included\) but the model's input embedding has 320 rows \(model\.embed_tokens\.weight in model\.safetensors\); token ids 320 to 327 would index past it"),
+    Broken("tokenizer-against-the-config-vocab-size", _bin_weights_and_a_larger_tokenizer, r"model\.source: the tokenizer in {path} has \d+ entries \(added tokens included\) but the model's input embedding has 288 rows \(vocab_size in config\.json\); token ids 288 to \d+ would index past it", vocab=288),
 ]
 
 
-@pytest.mark.parametrize(("save", "break_it", "pattern"), [c[1:] for c in BROKEN], ids=[c[0] for c in BROKEN])
-def test_a_broken_checkpoint_is_one_line_naming_file_and_sizes(
-    tmp_path: Path, save: dict[str, Any], break_it: Callable[[Path], Values], pattern: str
-) -> None:
-    path = save_tiny_checkpoint(tmp_path / "ckpt", **save)
-    values: Values = {"path": path, **break_it(path)}
+@pytest.mark.parametrize("case", BROKEN, ids=[c.id for c in BROKEN])
+def test_a_broken_checkpoint_is_one_line_naming_file_and_sizes(tmp_path: Path, case: Broken) -> None:
+    path = save_tiny_checkpoint(tmp_path / "ckpt", max_shard_size=SHARD_SIZE if case.sharded else None, vocab=case.vocab)
+    values: Values = {"path": path, **case.damage(path)}
+    pattern = case.expected
     for name, value in values.items():
         pattern = pattern.replace(f"{{{name}}}", re.escape(str(value)))
     with pytest.raises(PipelineError) as err:
