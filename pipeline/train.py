@@ -684,8 +684,9 @@ def embedded_manifest(checkpoint: Path, final_path: str) -> Any:
 def adopt_source_model(source: str, revision: str, checkpoint_dir: Path, trust_remote_code: bool = False) -> Any:
     """The manifest of a hub id or local directory, used in place; writes ``checkpoint_dir/README.md``.
 
-    Nothing is trained or downloaded: a missing path, a hub id absent from the local cache, or a
-    model that is not a supported MoE are one-line errors.
+    Nothing is trained or downloaded: a missing path, a hub id absent from the local cache, a model
+    that is not a supported MoE, missing, partial or truncated weights, and a tokenizer larger than
+    the model's embedding are one-line errors (:func:`pipeline.models.loading.check_checkpoint`).
     """
     from pipeline.io import atomic_write_text
     from pipeline.models.loading import build_manifest, resolve_source
@@ -693,7 +694,7 @@ def adopt_source_model(source: str, revision: str, checkpoint_dir: Path, trust_r
     local = Path(source).expanduser().exists()
     rev = None if local else revision
     path = resolve_source(source, rev)
-    manifest = build_manifest(source, path, rev, trust_remote_code)
+    manifest = build_manifest(source, path, rev, trust_remote_code, check=True)
     text = (
         "# Model checkpoint (not copied)\n\n"
         f"`model.source` is `{source}`"

@@ -591,10 +591,15 @@ def tiny_model(model_type: str = "mixtral", seed: int = 0, dtype: torch.dtype = 
     return model
 
 
-def save_tiny_checkpoint(path: Path, model_type: str = "mixtral", seed: int = 0, **overrides: Any) -> Path:
-    """Save a tiny model plus a tiny tokenizer as a standard checkpoint directory."""
+def save_tiny_checkpoint(
+    path: Path, model_type: str = "mixtral", seed: int = 0, *, max_shard_size: str | None = None, **overrides: Any
+) -> Path:
+    """Save a tiny model plus a tiny tokenizer as a standard checkpoint directory.
+
+    With ``max_shard_size`` (e.g. ``"100KB"``), the weights are several shards plus an index.
+    """
     model = tiny_model(model_type, seed=seed, **overrides)
-    model.save_pretrained(path)
+    model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     tiny_tokenizer(model.config.vocab_size).save_pretrained(path)
     return path
 

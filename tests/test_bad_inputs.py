@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 
 from pipeline.io import sha256_file
-from tests.factory import dense_checkpoint
+from tests.factory import dense_checkpoint, save_tiny_checkpoint, tiny_tokenizer
 from tests.project import free_port, merge, read_params, run_stage, set_params
 
 pytestmark = pytest.mark.slow
@@ -155,6 +155,27 @@ def _unsupported_moe_checkpoint(project: Path) -> None:
     set_param(project, {"model": {"source": str(project / "jetmoe")}})
 
 
+def _broken_checkpoint(break_it: Callable[[Path], Any], **save: Any) -> Callable[[Path], None]:
+    """A setup using a tiny Mixtral checkpoint at ``<project>/ckpt`` as the model, broken by ``break_it``."""
+
+    def setup(project: Path) -> None:
+        path = save_tiny_checkpoint(project / "ckpt", **save)
+        break_it(path)
+        set_param(project, {"model": {"source": str(path)}})
+
+    return setup
+
+
+def _drop_last_shard(path: Path) -> None:
+    max(path.glob("model-*.safetensors")).unlink()
+
+
+def _oversized_tokenizer(path: Path) -> None:
+    tokenizer = tiny_tokenizer(320)
+    tokenizer.add_tokens([f"<extra_{i}>" for i in range(328 - len(tokenizer))])  # 8 past the 320 embedding rows
+    tokenizer.save_pretrained(path)
+
+
 def _empty_file(project: Path) -> None:
     (project / "data").mkdir()
     (project / "data" / "empty.jsonl").write_text("")
@@ -234,6 +255,14 @@ CASES = [
     Case("dense-model", "model", r"model\.source .*dense: model type 'mistral' is not a supported Mixture-of-Experts architecture \(supported: .*mixtral", setup=_dense_checkpoint),
     Case("unsupported-moe-architecture", "model", r"model\.source .*jetmoe: model type 'jetmoe' is not a supported Mixture-of-Experts architecture",
          setup=_unsupported_moe_checkpoint),
+    Case("checkpoint-without-weights", "model", r"model\.source: checkpoint /.*/ckpt has no weights: none of model\.safetensors, model\.safetensors\.index\.json, pytorch_model\.bin, pytorch_model\.bin\.index\.json is there",
+         setup=_broken_checkpoint(lambda p: (p / "model.safetensors").unlink())),
+    Case("checkpoint-index-naming-a-missing-shard", "model", r"model\.source: checkpoint index /.*/ckpt/model\.safetensors\.index\.json names \d+ shard files, 1 of them missing from /.*/ckpt: model-\d+-of-\d+\.safetensors$",
+         setup=_broken_checkpoint(_drop_last_shard, max_shard_size="100KB")),
+    Case("truncated-checkpoint-file", "model", r"model\.source: checkpoint file /.*/ckpt/model\.safetensors is truncated: its header describes \d+ bytes \(\d+-byte header, \d+ bytes of tensors\), the file holds \d+$",
+         setup=_broken_checkpoint(lambda p: _truncate(p / "model.safetensors"))),
+    Case("tokenizer-larger-than-the-embedding", "model", r"model\.source: the tokenizer in /.*/ckpt has 328 entries \(added tokens included\) but the model's input embedding has 320 rows \(model\.embed_tokens\.weight in model\.safetensors\); token ids 320 to 327 would index past it$",
+         setup=_broken_checkpoint(_oversized_tokenizer)),
     # calibration
     Case("empty-calibration-data", "calibration@general", r"calibration\.sets\.general\.sources\[0\]\.path: .*empty\.jsonl is empty", setup=_empty_file),
     Case("text-field-missing", "calibration@general", r"calibration\.sets\.general\.sources\[0\]\.text_field: .*docs\.jsonl has no column 'text' \(columns: body\)", setup=_wrong_text_field),

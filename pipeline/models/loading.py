@@ -6,7 +6,9 @@ import hashlib
 import json
 import logging
 import os
+import re
 import struct
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ import torch
 
 from pipeline.errors import PipelineError
 from pipeline.io import read_json, write_json
+from pipeline.offload import INDEX_FILE, SINGLE_FILE
 
 log = logging.getLogger(__name__)
 
@@ -77,14 +80,45 @@ def resolve_source(source: str, revision: str | None = None, key: str = "model.s
 
 
 def _safetensors_header(path: Path) -> bytes:
+    """The raw JSON header of a safetensors file; a file shorter than the header it declares is a one-line error."""
+    on_disk = path.stat().st_size
     with open(path, "rb") as fh:
         raw = fh.read(8)
         if len(raw) < 8:
-            raise PipelineError(f"checkpoint file {path} is truncated")
+            raise PipelineError(f"checkpoint file {path} is truncated: {on_disk} bytes, less than the 8-byte header length")
         (size,) = struct.unpack("<Q", raw)
         if size > 100_000_000:
-            raise PipelineError(f"checkpoint file {path} has a corrupt header")
+            raise PipelineError(f"checkpoint file {path} has a corrupt header (declared length {size} bytes)")
+        if 8 + size > on_disk:
+            raise PipelineError(
+                f"checkpoint file {path} is truncated: its header alone is {8 + size} bytes, the file holds {on_disk}"
+            )
         return fh.read(size)
+
+
+def safetensors_shapes(path: str | os.PathLike[str]) -> dict[str, tuple[int, ...]]:
+    """``{tensor name: shape}`` of a safetensors file, from its header only.
+
+    A header that is not valid, or tensor data that does not end exactly at the end of the file
+    (a truncated or padded file), is a one-line error naming the file and both sizes.
+    """
+    path = Path(path)
+    raw = _safetensors_header(path)
+    try:
+        header = json.loads(raw)
+        header.pop("__metadata__", None)
+        shapes = {name: tuple(int(d) for d in entry["shape"]) for name, entry in header.items()}
+        data = max((int(entry["data_offsets"][1]) for entry in header.values()), default=0)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+        raise PipelineError(f"checkpoint file {path} has a corrupt header ({type(exc).__name__}: {exc})") from None
+    expected, on_disk = 8 + len(raw) + data, path.stat().st_size
+    if on_disk != expected:
+        state = "truncated" if on_disk < expected else "corrupt"
+        raise PipelineError(
+            f"checkpoint file {path} is {state}: its header describes {expected} bytes "
+            f"({len(raw)}-byte header, {data} bytes of tensors), the file holds {on_disk}"
+        )
+    return shapes
 
 
 _SAMPLE = 1 << 20
@@ -189,8 +223,163 @@ def load_tokenizer(path: str | os.PathLike[str], trust_remote_code: bool = False
         raise PipelineError(f"cannot load the tokenizer from {path}: {exc}") from None
 
 
-def build_manifest(source: str, path: str | os.PathLike[str], revision: str | None, trust_remote_code: bool = False) -> ModelManifest:
-    """The manifest of a checkpoint directory; a dense or unsupported model is a one-line error."""
+#: The .bin counterparts of ``SINGLE_FILE`` and ``INDEX_FILE``: ``from_pretrained`` falls back to them without safetensors.
+BIN_FILE = "pytorch_model.bin"
+BIN_INDEX_FILE = "pytorch_model.bin.index.json"
+
+
+def _index_shards(index: Path, key: str) -> dict[str, list[str]]:
+    """``{shard file: [tensor names]}`` of a checkpoint index; its shard files must all exist."""
+    weight_map = read_json(index, what="checkpoint index")
+    weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise PipelineError(f"{key}: checkpoint index {index} has no weight_map")
+    shards: dict[str, list[str]] = {}
+    for name, file in weight_map.items():
+        shards.setdefault(str(file), []).append(name)
+    missing = sorted(f for f in shards if not (index.parent / f).is_file())
+    if missing:
+        listed = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise PipelineError(
+            f"{key}: checkpoint index {index} names {len(shards)} shard files, {len(missing)} of them missing "
+            f"from {index.parent}: {listed}"
+        )
+    return shards
+
+
+#: ``{tensor name: (file holding it, shape or None where unknown)}`` of a checkpoint's weights.
+Tensors = dict[str, tuple[str, tuple[int, ...] | None]]
+
+
+def _weight_tensors(root: Path, key: str) -> tuple[Tensors, str]:
+    """The tensors of a checkpoint's weights, and the file that lists them (an index or the one weight file).
+
+    Safetensors files are checked against their headers (every tensor the index assigns to a shard
+    is in it; no file is truncated); .bin files are only checked to exist (reading them would mean
+    unpickling). A checkpoint with none of the weight files ``from_pretrained`` looks for is an error.
+    """
+    if (root / INDEX_FILE).is_file():
+        tensors: Tensors = {}
+        for file, names in _index_shards(root / INDEX_FILE, key).items():
+            try:
+                shapes = safetensors_shapes(root / file)
+            except PipelineError as exc:
+                raise PipelineError(f"{key}: {exc}") from None
+            absent = [n for n in names if n not in shapes]
+            if absent:
+                raise PipelineError(
+                    f"{key}: checkpoint file {root / file} lacks {len(absent)} of the {len(names)} tensors "
+                    f"{INDEX_FILE} assigns to it (e.g. {absent[0]})"
+                )
+            tensors.update({n: (file, shapes[n]) for n in names})
+        return tensors, INDEX_FILE
+    if (root / SINGLE_FILE).is_file():
+        try:
+            shapes = safetensors_shapes(root / SINGLE_FILE)
+        except PipelineError as exc:
+            raise PipelineError(f"{key}: {exc}") from None
+        return {n: (SINGLE_FILE, shape) for n, shape in shapes.items()}, SINGLE_FILE
+    if (root / BIN_INDEX_FILE).is_file():
+        shards = _index_shards(root / BIN_INDEX_FILE, key)
+        return {n: (file, None) for file, names in shards.items() for n in names}, BIN_INDEX_FILE
+    if (root / BIN_FILE).is_file():
+        return {}, BIN_FILE
+    stray = sorted(f.name for f in root.glob("*.safetensors"))
+    found = f"; it holds {len(stray)} other .safetensors files ({stray[0]}, ...) but no index naming them" if stray else ""
+    raise PipelineError(
+        f"{key}: checkpoint {root} has no weights: none of {SINGLE_FILE}, {INDEX_FILE}, {BIN_FILE}, "
+        f"{BIN_INDEX_FILE} is there{found}"
+    )
+
+
+def _parameter_sources(skeleton: Any, names: Iterable[str]) -> dict[str, list[str]]:
+    """``{model parameter: [checkpoint tensors loaded into it]}``, renamed as ``from_pretrained`` renames them."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    mapping = get_model_conversion_mapping(skeleton)
+    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+    converters = [m for m in mapping if isinstance(m, WeightConverter)]
+    state = skeleton.state_dict()
+    sources: dict[str, list[str]] = {}
+    for name in names:
+        target, _ = rename_source_key(name, renamings, converters, skeleton.base_model_prefix, state)
+        sources.setdefault(target, []).append(name)
+    return sources
+
+
+def _uncovered_parameters(skeleton: Any, sources: dict[str, list[str]]) -> list[str]:
+    """The model's parameters no checkpoint tensor is loaded into (tied and load-optional ones aside)."""
+    tied = set(getattr(skeleton, "all_tied_weights_keys", None) or {})
+    optional = [re.compile(p) for p in getattr(skeleton, "_keys_to_ignore_on_load_missing", None) or []]
+    return [
+        name
+        for name, _ in skeleton.named_parameters()
+        if name not in sources and name not in tied and not any(p.search(name) for p in optional)
+    ]
+
+
+def _embedding_rows(skeleton: Any, sources: dict[str, list[str]], tensors: Tensors) -> tuple[int, str] | None:
+    """Rows of the model's input embedding and where that number comes from: the checkpoint tensor's
+    shape in its safetensors header, else the config's ``vocab_size``; None for a model without one."""
+    try:
+        embedding = skeleton.get_input_embeddings().weight
+    except (NotImplementedError, AttributeError):
+        return None
+    name = next((n for n, p in skeleton.named_parameters() if p is embedding), "")
+    for source in sources.get(name, []):
+        file, shape = tensors[source]
+        if shape:
+            return int(shape[0]), f"{source} in {file}"
+    return int(embedding.shape[0]), "vocab_size in config.json"
+
+
+def check_checkpoint(path: str | os.PathLike[str], skeleton: Any, trust_remote_code: bool = False, key: str = "model.source") -> None:
+    """Check that a checkpoint directory can be loaded, reading only its index and tensor headers.
+
+    ``skeleton`` is the model built from the checkpoint's config on the meta device. Missing weight
+    files, an index naming absent shards or not covering every parameter, a truncated safetensors
+    file, and a tokenizer with more entries (``len(tokenizer)``, added tokens included) than the
+    input embedding has rows are one-line errors naming the file and the sizes.
+    """
+    root = Path(path)
+    tensors, listed_in = _weight_tensors(root, key)
+    sources = _parameter_sources(skeleton, tensors)
+    if tensors:
+        uncovered = _uncovered_parameters(skeleton, sources)
+        if uncovered:
+            total = sum(1 for _ in skeleton.named_parameters())
+            raise PipelineError(
+                f"{key}: the weights of {root} ({listed_in}) leave {len(uncovered)} of the model's {total} "
+                f"parameters without a tensor: {', '.join(uncovered[:3])}{', ...' if len(uncovered) > 3 else ''}"
+            )
+    embedding = _embedding_rows(skeleton, sources, tensors)
+    if embedding is None:
+        return
+    rows, where = embedding
+    entries = len(load_tokenizer(root, trust_remote_code))
+    if entries > rows:
+        raise PipelineError(
+            f"{key}: the tokenizer in {root} has {entries} entries (added tokens included) but the model's input "
+            f"embedding has {rows} rows ({where}); token ids {rows} to {entries - 1} would index past it"
+        )
+
+
+def model_skeleton(config: Any) -> Any:
+    """The causal LM of ``config`` on the meta device (no weights, no memory)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def build_manifest(
+    source: str, path: str | os.PathLike[str], revision: str | None, trust_remote_code: bool = False, *, check: bool = False
+) -> ModelManifest:
+    """The manifest of a checkpoint directory; a dense or unsupported model is a one-line error.
+
+    With ``check``, the weights and tokenizer are checked first (:func:`check_checkpoint`).
+    """
     from pipeline.models.registry import get_adapter
 
     config = load_config(path, trust_remote_code)
@@ -200,7 +389,10 @@ def build_manifest(source: str, path: str | os.PathLike[str], revision: str | No
         raise PipelineError(f"model.source {source}: {exc}") from None
     text = adapter.text_config(config)
     model_type = getattr(config, "model_type", "unknown")
-    moe_layers = moe_layer_indices_from_config(adapter, config)
+    skeleton = model_skeleton(config)
+    if check:
+        check_checkpoint(path, skeleton, trust_remote_code)
+    moe_layers = adapter.moe_layer_indices(skeleton)
     dtype = getattr(text, "dtype", None) or getattr(text, "torch_dtype", None)
     return ModelManifest(
         source=source,
@@ -217,11 +409,3 @@ def build_manifest(source: str, path: str | os.PathLike[str], revision: str | No
         torch_dtype=None if dtype is None else str(dtype).removeprefix("torch."),
     )
 
-
-def moe_layer_indices_from_config(adapter: Any, config: Any) -> list[int]:
-    """MoE layer indices, found by building the model skeleton on the meta device (no weights)."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
-    return adapter.moe_layer_indices(skeleton)
