@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from pipeline.config import load_params
+from tests.project import run_stage, stage_dir_project
 
 REPO = Path(__file__).resolve().parents[1]
 #: Calls that unpickle (run arbitrary code from a file) and must not appear in our code.
@@ -37,13 +35,12 @@ def test_defaults_keep_remote_code_off_and_the_ui_on_loopback() -> None:
 
 @pytest.mark.slow
 def test_trust_remote_code_warns(tmp_path: Path) -> None:
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["runtime"]["trust_remote_code"] = True
-    params["tracking"]["enabled"] = False
-    params["corpus"].update(max_chars_per_domain=20_000, doc_chars=400, test_fraction=0.15)
-    params["corpus"]["eval"].update(mc_items_per_domain=4, ppl_docs_per_domain=2)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    proc = subprocess.run([sys.executable, "-m", "stages.corpus"], cwd=tmp_path, capture_output=True, text=True,
-                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
+    project = stage_dir_project(tmp_path, {
+        "runtime": {"trust_remote_code": True},
+        "tracking": {"enabled": False},
+        "corpus": {"max_chars_per_domain": 20_000, "doc_chars": 400, "test_fraction": 0.15,
+                   "eval": {"mc_items_per_domain": 4, "ppl_docs_per_domain": 2}},
+    })
+    proc = run_stage(project, "corpus")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "runtime.trust_remote_code is true: transformers may run code from the model's repository" in proc.stderr
