@@ -40,11 +40,6 @@ class StageSpec:
             raise PipelineError(f"dvc.yaml: stage {self.name!r} must declare exactly one {RUN_RECORD} output")
         return Path(PurePosixPath(records[0]).parent)
 
-    @property
-    def code_deps(self) -> tuple[str, ...]:
-        """Deps that are code (not another stage's output)."""
-        return tuple(d for d in self.deps if d.endswith(".py") or not d.startswith("outputs/"))
-
 
 def _entries(items: list[Any] | None) -> list[tuple[str, dict[str, Any]]]:
     """``(path, options)`` of each entry of a deps/outs/metrics/plots list (``path`` or ``{path: options}``)."""
