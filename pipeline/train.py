@@ -241,16 +241,25 @@ def batches(blocks: torch.Tensor, batch_size: int, steps: int, seed: int) -> Ite
         yield blocks[torch.cat(take)]
 
 
-def _aux_loss(out: Any, config: Any) -> torch.Tensor | None:
-    """The router load-balancing loss: the model's own, else the Switch loss on its router logits."""
-    if out.aux_loss is not None:
-        return out.aux_loss
-    if not out.router_logits:
-        return None
-    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+def layer_balance_loss(router_logits: Sequence[torch.Tensor | None], top_k: int) -> torch.Tensor | None:
+    """The Switch load-balancing loss of every MoE layer, averaged over layers.
 
-    logits = tuple(t for t in out.router_logits if t is not None)
-    return load_balancing_loss_func(logits, logits[0].shape[-1], config.num_experts_per_tok)
+    Per layer: ``n * sum_i f_i * P_i`` with ``f_i`` the share of the layer's top-k slots routed to
+    expert ``i`` and ``P_i`` its mean router probability (1.0 when balanced). transformers' own loss
+    pools the tokens of all layers first, so one layer's idle expert can hide behind another
+    layer's busy one; here each layer must balance on its own.
+    """
+    losses = []
+    for logits in router_logits:
+        if logits is None:
+            continue
+        logits = logits.reshape(-1, logits.shape[-1]).float()
+        n = logits.shape[-1]
+        probs = torch.softmax(logits, dim=-1)
+        chosen = torch.topk(probs, min(top_k, n), dim=-1).indices
+        share = torch.bincount(chosen.flatten(), minlength=n).to(probs.dtype) / chosen.numel()
+        losses.append(n * (share * probs.mean(0)).sum())
+    return torch.stack(losses).mean() if losses else None
 
 
 @contextlib.contextmanager
@@ -305,8 +314,8 @@ def train_model(
         for step, batch in enumerate(batches(blocks, settings.batch_size, settings.steps, settings.seed)):
             batch = batch.to(device)
             out = model(input_ids=batch, labels=batch, output_router_logits=True, use_cache=False)
-            aux = _aux_loss(out, config)
-            # the model's loss already holds its own coef * aux when it computes one
+            aux = layer_balance_loss(out.router_logits or (), config.num_experts_per_tok)
+            # the model's loss already holds its own coef * its pooled aux loss when it computes one
             lm_loss = out.loss if out.aux_loss is None else out.loss - model_coef * out.aux_loss
             loss = lm_loss if aux is None else lm_loss + coef * aux
             opt.zero_grad(set_to_none=True)
@@ -465,6 +474,33 @@ def routing_divergence(routing: dict[str, dict[int, list[float]]]) -> dict[int, 
     return out
 
 
+def routing_balance(routing: dict[str, dict[int, list[float]]]) -> dict[int, dict[str, float]]:
+    """Per layer, over every domain's held-out tokens pooled: the least and most used expert's share of
+    routed slots relative to the uniform share 1/n (``min_share``, ``max_share``; 1.0 = uniform) and the
+    routing entropy in bits with its maximum log2(n) (``entropy``, ``max_entropy``).
+
+    An expert with ``min_share`` below 0.5 gets less than half of its uniform share: pruning it is
+    nearly free, whatever the search does.
+    """
+    layers = sorted({layer for per in routing.values() for layer in per})
+    out: dict[int, dict[str, float]] = {}
+    for layer in layers:
+        counts = [torch.tensor(per[layer], dtype=torch.float64) for per in routing.values() if layer in per]
+        total = torch.stack(counts).sum(0)
+        if total.sum() <= 0:
+            continue
+        share = total / total.sum()
+        n = share.numel()
+        nz = share[share > 0]
+        out[layer] = {
+            "min_share": float(share.min() * n),
+            "max_share": float(share.max() * n),
+            "entropy": float(-(nz * nz.log2()).sum()),
+            "max_entropy": math.log2(n),
+        }
+    return out
+
+
 # -- plots ---------------------------------------------------------------------------------------
 def plot_routing(routing: dict[str, dict[int, list[float]]], path: Path, title_extra: str = "") -> None:
     """Grouped bars per layer: share of top-k choices per expert, one colour per domain."""
@@ -477,8 +513,9 @@ def plot_routing(routing: dict[str, dict[int, list[float]]], path: Path, title_e
     domains = list(routing)
     cols = min(2, max(1, len(layers)))
     rows = max(1, math.ceil(len(layers) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 3.2 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 3.5 * rows), squeeze=False)
     divergence = routing_divergence(routing)
+    balance = routing_balance(routing)
     for ax in axes.flat[len(layers) :]:
         ax.axis("off")
     for ax, layer in zip(axes.flat, layers, strict=False):
@@ -490,10 +527,14 @@ def plot_routing(routing: dict[str, dict[int, list[float]]], path: Path, title_e
             xs = [e - 0.4 + width * (j + 0.5) for e in range(n)]
             ax.bar(xs, [c / total for c in counts], width=width, label=domain)
         ax.axhline(1.0 / n, color="grey", linestyle="--", linewidth=0.8, label="uniform (1/n)")
-        jsd = divergence.get(layer)
-        ax.set_title(
-            f"layer {layer}" + (f" (JSD between domains {jsd:.3f} bits)" if jsd is not None else ""), fontsize=10
-        )
+        jsd, bal = divergence.get(layer), balance.get(layer)
+        title = f"layer {layer}" + (f": JSD between domains {jsd:.3f} bits" if jsd is not None else "")
+        if bal is not None:
+            title += (
+                f"\nshare of uniform min {bal['min_share']:.2f} / max {bal['max_share']:.2f}, "
+                f"entropy {bal['entropy']:.2f} of {bal['max_entropy']:.2f} bits"
+            )
+        ax.set_title(title, fontsize=9)
         ax.set_xlabel("expert")
         ax.set_ylabel("share of top-k choices")
         ax.set_xticks(range(n))
@@ -657,6 +698,22 @@ def train_embedded(
         metrics[f"routing_jsd.layer{layer}"] = jsd
     if divergence:
         metrics["routing_jsd"] = sum(divergence.values()) / len(divergence)
+    balance = routing_balance(routing)
+    for layer, bal in balance.items():
+        for key in ("min_share", "max_share", "entropy"):
+            metrics[f"routing_{key}.layer{layer}"] = bal[key]
+    if balance:
+        metrics["routing_min_share"] = min(b["min_share"] for b in balance.values())
+        metrics["routing_max_share"] = max(b["max_share"] for b in balance.values())
+        starved = {layer: round(b["min_share"], 3) for layer, b in balance.items() if b["min_share"] < 0.5}
+        if starved:
+            log.warning(
+                "routing: in layers %s the least used expert gets under half of the uniform share of routed "
+                "slots (share of uniform %s): pruning it costs little whatever the search does "
+                "(raise model.embedded.train.router_aux_loss_coef or steps)",
+                sorted(starved),
+                starved,
+            )
     return EmbeddedResult(
         checkpoint=ckpt,
         metrics=metrics,

@@ -25,8 +25,10 @@ from pipeline.train import (
     build_config,
     build_model,
     embedded_manifest,
+    layer_balance_loss,
     lr_factor,
     pack,
+    routing_balance,
     routing_divergence,
     train_embedded,
     train_model,
@@ -132,6 +134,25 @@ def test_routing_histograms_and_plots(trained):
     loss_rows = json.loads((plots / "train_loss.json").read_text())
     assert len(loss_rows) == TINY_TRAIN.steps
     assert 0.0 <= result.metrics["routing_jsd"] <= math.log2(len(DOMAINS))
+    n = TINY.num_experts
+    for layer in range(TINY.num_layers):
+        lo, hi = result.metrics[f"routing_min_share.layer{layer}"], result.metrics[f"routing_max_share.layer{layer}"]
+        assert 0.0 <= lo <= 1.0 <= hi <= n
+        assert 0.0 < result.metrics[f"routing_entropy.layer{layer}"] <= math.log2(n) + 1e-9
+    assert result.metrics["routing_min_share"] == min(result.metrics[f"routing_min_share.layer{i}"] for i in range(TINY.num_layers))
+
+
+def test_routing_balance_of_known_counts():
+    # layer 0: uniform over 4 experts (both domains); layer 1: expert 3 never used, expert 0 has half
+    routing = {
+        "prose": {0: [5.0, 5.0, 5.0, 5.0], 1: [10.0, 6.0, 4.0, 0.0]},
+        "code": {0: [5.0, 5.0, 5.0, 5.0], 1: [10.0, 2.0, 8.0, 0.0]},
+    }
+    bal = routing_balance(routing)
+    assert bal[0] == {"min_share": 1.0, "max_share": 1.0, "entropy": 2.0, "max_entropy": 2.0}
+    assert bal[1]["min_share"] == 0.0 and bal[1]["max_share"] == 2.0
+    shares = (0.5, 0.2, 0.3)  # expert 3's zero share adds nothing
+    assert bal[1]["entropy"] == pytest.approx(-sum(q * math.log2(q) for q in shares))
 
 
 def test_embedded_manifest(trained):
@@ -315,3 +336,21 @@ def test_model_stage_with_a_local_checkpoint(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: model: model.source: model path")
     assert json.loads((tmp_path / "outputs/model/manifest.json").read_text())["path"] == str(ckpt.resolve())
+
+
+def test_balance_loss_is_per_layer():
+    # k = 1 of n = 2: layer A sends every token to expert 0, layer B every token to expert 1
+    a = torch.tensor([[20.0, 0.0]]).repeat(64, 1)
+    b = torch.tensor([[0.0, 20.0]]).repeat(64, 1)
+    balanced = torch.zeros(64, 2)
+    balanced[::2, 0] = balanced[1::2, 1] = 20.0
+    assert float(layer_balance_loss([balanced, balanced], 1)) == pytest.approx(1.0, abs=1e-6)
+    # each layer alone is collapsed: 2.0; pooled over layers (transformers' own loss) it looks balanced
+    assert float(layer_balance_loss([a, None, b], 1)) == pytest.approx(2.0, abs=1e-6)
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    assert float(load_balancing_loss_func((a, b), 2, 1)) == pytest.approx(1.0, abs=1e-6)
+    logits = torch.randn(32, 2, requires_grad=True)
+    layer_balance_loss([logits], 1).backward()
+    assert logits.grad is not None and bool(logits.grad.abs().sum() > 0)
+    assert layer_balance_loss([None], 1) is None
