@@ -107,7 +107,10 @@ class CorpusEvalParams(Section):
     mc_choices: Annotated[int, Field(ge=2, le=8)] = 4
     context_chars: Annotated[int, Field(ge=16)] = 160
     continuation_chars: Annotated[int, Field(ge=8)] = 60
-    ppl_docs_per_domain: PosInt = Field(24, description="documents for per-domain rolling perplexity")
+    ppl_docs_per_domain: PosInt = Field(
+        64,
+        description="documents for per-domain rolling perplexity (at most; 64 takes every test document of the default corpus)",
+    )
     ppl_doc_chars: Annotated[int, Field(ge=32)] = 600
 
 
@@ -141,13 +144,13 @@ class TrainParams(Section):
 
     seq_len: Annotated[int, Field(ge=8)] = Field(128, description="tokens per packed training sequence")
     batch_size: PosInt = Field(16, description="sequences per step (also per evaluation batch)")
-    steps: PosInt = Field(900, description="900 x 16 x 128 = 1.8M tokens: ~3 min at ~10k tokens/s on 2 quiet cores")
-    lr: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(3e-3, description="peak learning rate")
-    warmup_steps: NonNegInt = Field(60, description="linear warmup, then cosine decay to 10% of lr")
+    steps: PosInt = Field(450, description="450 x 16 x 128 = 0.92M tokens, about one epoch: ~4 min on 2 cores")
+    lr: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(4e-3, description="peak learning rate")
+    warmup_steps: NonNegInt = Field(40, description="linear warmup, then cosine decay to 10% of lr")
     weight_decay: Annotated[float, Field(ge=0.0)] = Field(0.01, description="on matrices only")
     router_aux_loss_coef: Annotated[float, Field(ge=0.0)] = Field(
-        0.01,
-        description="weight of the router load-balancing loss",
+        0.05,
+        description="weight of the per-layer router load-balancing loss (0.05: every expert >= 0.5x uniform)",
     )
     eval_tokens_per_domain: PosInt = Field(
         16384,
@@ -338,7 +341,10 @@ class SpeedParams(Section):
 
     prompts: PosInt = Field(4, description="prompts (multiple-choice contexts of the corpus eval data)")
     new_tokens: PosInt = Field(48, description="tokens generated per prompt (exactly; EOS suppressed)")
-    repeats: PosInt = Field(5, description="timed rounds; all variants interleaved each round; median reported")
+    repeats: PosInt = Field(
+        7,
+        description="timed rounds; all variants interleaved each round; median reported (a speed verdict needs 6)",
+    )
     warmup: NonNegInt = Field(
         1,
         description="untimed rounds first (the first also counts expert evaluations per token)",
@@ -361,8 +367,8 @@ class BenchmarkParams(Section):
         description="per task (or group/tag, or embedded), e.g. {gsm8k: 5}; unset tasks keep lm-eval's default",
     )
     limit: PosInt | None = Field(
-        60,
-        description="at most this many documents per task (keeps the embedded run short); null = all (real models)",
+        None,
+        description="at most this many documents per task (e.g. to try a large model quickly); null = all",
     )
     batch_size: PosInt = Field(16, description="lm-eval batch size for log-likelihood requests")
     variants: list[Literal["original", "original_skip", "pruned", "pruned_skip"]] = Field(

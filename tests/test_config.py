@@ -34,6 +34,17 @@ def test_every_schema_key_is_in_params_yaml(raw):
         assert any(k == key or k.startswith(key + ".") for k in flat) or key in flat, f"{key} missing in params.yaml"
 
 
+def test_params_yaml_shows_the_schema_defaults(raw):
+    """The schema declares each default once; params.yaml shows the same values (no second declaration)."""
+    flat = flatten(raw)
+    drift = [
+        f"{key}: params.yaml {flat[key]!r}, schema {default}"
+        for key, kind, default, _doc in schema_reference()
+        if kind != "section" and not key.startswith("calibration.sets") and key in flat and repr(flat[key]) != default
+    ]
+    assert not drift, "; ".join(drift)
+
+
 @pytest.mark.parametrize(
     ("path", "value", "expected"),
     [
