@@ -335,20 +335,20 @@ def test_metrics_schema():
     assert o["tokens_per_s_spread"] == {"median": 100.0, "min": 98.0, "max": 103.0, "q1": 99.0, "q3": 101.0, "rounds": 5}
     ratios = [p / b for p, b in zip([126.0, 121.0, 130.0, 125.5, 124.0], ORIGINAL_RUNS, strict=True)]
     assert v["pruned"]["speedup"] == pytest.approx(float(np.median(ratios)))
-    assert v["pruned"]["speedup_verdict"] == "faster" and v["pruned"]["speedup_interval"][0] > 1.0
-    low, high = v["original_skip"]["speedup_interval"]
+    assert v["pruned"]["speedup_verdict"] == "faster" and v["pruned"]["speedup_interval"]["low"] > 1.0
+    low, high = v["original_skip"]["speedup_interval"].values()
     assert v["original_skip"]["speedup_verdict"] == "within noise" and low <= 1.0 <= high
     assert v["pruned_skip"]["tokens_per_s"] is None and v["pruned_skip"]["speedup"] is None  # non-finite -> null
     assert v["pruned_skip"]["tokens_per_s_spread"] is None
     # accuracy and perplexity with their intervals
     assert o["average_accuracy"] == 0.5
-    assert o["intervals"]["embedded_code_mc"]["acc"] == list(stats.accuracy_interval([1.0] * 10 + [0.0] * 10))
+    low, high = stats.accuracy_interval([1.0] * 10 + [0.0] * 10)
+    assert o["intervals"]["embedded_code_mc"]["acc"] == {"low": low, "high": high}
     for name, e in v.items():
         for task, ms in e["intervals"].items():
-            for metric, (lo, hi) in ms.items():
-                assert lo <= e["tasks"][task][metric] <= hi, (name, task, metric)
-        lo, hi = e["average_accuracy_interval"]
-        assert lo <= e["average_accuracy"] <= hi
+            for metric, ci in ms.items():
+                assert ci["low"] <= e["tasks"][task][metric] <= ci["high"], (name, task, metric)
+        assert e["average_accuracy_interval"]["low"] <= e["average_accuracy"] <= e["average_accuracy_interval"]["high"]
     # paired differences from the original
     vs = v["pruned"]["vs_original"]
     acc = vs["tasks"]["embedded_code_mc"]["acc"]
@@ -375,7 +375,7 @@ def test_metrics_schema():
     with pytest.raises(PipelineError, match="'pruned' lacks weight_bytes"):
         check_metrics(bad)
     bad = json.loads(dumps_json(metrics))
-    bad["variants"]["pruned"]["intervals"]["embedded_code_mc"]["acc"] = [0.6, 0.2]
+    bad["variants"]["pruned"]["intervals"]["embedded_code_mc"]["acc"] = {"low": 0.6, "high": 0.2}
     with pytest.raises(PipelineError, match="pruned/embedded_code_mc/acc: an interval must be"):
         check_metrics(bad)
     bad = json.loads(dumps_json(metrics))
@@ -395,7 +395,7 @@ def test_report_has_paper_layout_intervals_verdicts_and_plots(tmp_path):
     assert header == "| Model | Experts | embedded_code_mc | Average | Memory (MB) | Speed-up |"
 
     def ci(interval, scale=100.0, spec=".1f"):
-        return f"[{interval[0] * scale:{spec}}, {interval[1] * scale:{spec}}]"
+        return f"[{interval['low'] * scale:{spec}}, {interval['high'] * scale:{spec}}]"
 
     acc_ci = ci(v["original"]["intervals"]["embedded_code_mc"]["acc"])
     avg_ci = ci(v["original"]["average_accuracy_interval"])
@@ -533,8 +533,8 @@ def test_stage_end_to_end_with_mlflow_and_dvc(tmp_path):
     # intervals, spread over the 2 rounds, speed-up interval and verdict, paired differences with verdicts
     pruned = metrics["variants"]["pruned"]
     for task in ("embedded_code_mc", "embedded_prose_mc"):
-        low, high = pruned["intervals"][task]["acc"]
-        assert 0.0 <= low <= pruned["tasks"][task]["acc"] <= high <= 1.0
+        ci = pruned["intervals"][task]["acc"]
+        assert 0.0 <= ci["low"] <= pruned["tasks"][task]["acc"] <= ci["high"] <= 1.0
         assert pruned["vs_original"]["tasks"][task]["acc"]["n"] == 4
         assert 0.0 <= pruned["vs_original"]["tasks"][task]["acc"]["p_value"] <= 1.0
     assert pruned["tokens_per_s_spread"]["rounds"] == 2 and pruned["speedup_interval"] is not None
@@ -576,7 +576,7 @@ def test_stage_end_to_end_with_mlflow_and_dvc(tmp_path):
         metrics["variants"]["pruned"]["average_accuracy"]
     )
     assert "embedded_code_mc/acc" in by_name["original"].data.metrics
-    assert by_name["pruned"].data.metrics["embedded_code_mc/acc_ci_low"] == pruned["intervals"]["embedded_code_mc"]["acc"][0]
+    assert by_name["pruned"].data.metrics["embedded_code_mc/acc_ci_low"] == pruned["intervals"]["embedded_code_mc"]["acc"]["low"]
     assert "vs_original/embedded_code_mc/acc/p_value" in by_name["pruned"].data.metrics
     assert by_name["pruned"].data.tags["verdict/speedup"] == pruned["speedup_verdict"]
     assert by_name["pruned"].data.tags["verdict/embedded_code_mc/acc"] in ("better", "worse", "within noise")
@@ -589,6 +589,8 @@ def test_stage_end_to_end_with_mlflow_and_dvc(tmp_path):
         [*dvc, "metrics", "show", "--json"], cwd=tmp_path, env=env, capture_output=True, text=True, check=True
     )
     assert "average_accuracy" in shown.stdout
+    shown_pruned = json.loads(shown.stdout)[""]["data"]["outputs/benchmark/metrics.json"]["data"]["variants"]["pruned"]
+    assert shown_pruned["intervals"]["embedded_code_mc"]["acc"] == pruned["intervals"]["embedded_code_mc"]["acc"]
     plots = subprocess.run(
         [*dvc, "plots", "show", "--json"], cwd=tmp_path, env=env, capture_output=True, text=True, check=True
     )

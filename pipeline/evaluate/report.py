@@ -81,6 +81,11 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def interval_json(interval: stats.Interval | None) -> dict[str, float] | None:
+    """An interval as metrics.json holds it: ``{"low", "high"}`` (a mapping, so ``dvc metrics`` shows it)."""
+    return {"low": interval[0], "high": interval[1]} if interval is not None else None
+
+
 def _scores(r: VariantResult, task: str, metric: str) -> np.ndarray | None:
     """Per-document scores of ``task``'s ``metric`` when they reproduce lm-eval's value (else None:
     e.g. a group lm-eval averages over subtasks without weighting by size)."""
@@ -103,8 +108,8 @@ def _ppl_data(r: VariantResult, task: str, metric: str) -> tuple[np.ndarray, np.
     return np.asarray(items.loglikelihood, dtype=np.float64), np.asarray(counts, dtype=np.float64)
 
 
-def _intervals(r: VariantResult) -> dict[str, dict[str, stats.Interval]]:
-    out: dict[str, dict[str, stats.Interval]] = {}
+def _intervals(r: VariantResult) -> dict[str, dict[str, dict[str, float] | None]]:
+    out: dict[str, dict[str, dict[str, float] | None]] = {}
     for task, metrics in r.tasks.items():
         found: dict[str, stats.Interval | None] = {}
         for metric in metrics:
@@ -112,7 +117,7 @@ def _intervals(r: VariantResult) -> dict[str, dict[str, stats.Interval]]:
                 found[metric] = stats.accuracy_interval(x)
             elif metric in PERPLEXITY_METRICS and (data := _ppl_data(r, task, metric)) is not None:
                 found[metric] = stats.perplexity_interval(metric, *data)
-        kept = {m: ci for m, ci in found.items() if ci is not None}
+        kept = {m: interval_json(ci) for m, ci in found.items() if ci is not None}
         if kept:
             out[task] = kept
     return out
@@ -140,7 +145,13 @@ def _pairing(base: ItemScores, other: ItemScores) -> tuple[list[int], list[int]]
 
 
 def _comparison_json(c: stats.Comparison) -> dict[str, Any]:
-    return {"difference": c.difference, "interval": c.interval, "p_value": c.p_value, "verdict": c.verdict, "n": c.n}
+    return {
+        "difference": c.difference,
+        "interval": interval_json(c.interval),
+        "p_value": c.p_value,
+        "verdict": c.verdict,
+        "n": c.n,
+    }
 
 
 def _vs_baseline(base: VariantResult, r: VariantResult) -> dict[str, Any]:
@@ -198,7 +209,7 @@ def _speed(base: VariantResult | None, r: VariantResult) -> dict[str, Any]:
     if base_runs and len(base_runs) == len(runs):
         s = stats.speedup(base_runs, runs)
         if s is not None:
-            out.update(speedup=s.ratio, speedup_interval=s.interval, speedup_verdict=s.verdict)
+            out.update(speedup=s.ratio, speedup_interval=interval_json(s.interval), speedup_verdict=s.verdict)
     return out
 
 
@@ -221,7 +232,9 @@ def build_metrics(results: Sequence[VariantResult], baseline: str = BASELINE) ->
                 "tasks": r.tasks,
                 "intervals": _intervals(r),
                 "average_accuracy": average_accuracy(r.tasks),
-                "average_accuracy_interval": stats.mean_of_means_interval(list(acc.values())) if acc else None,
+                "average_accuracy_interval": interval_json(stats.mean_of_means_interval(list(acc.values())))
+                if acc
+                else None,
                 "weight_bytes": int(r.weight_bytes),
                 "tokens_per_s": r.tokens_per_s,
                 **_speed(base, r),
@@ -239,10 +252,10 @@ def build_metrics(results: Sequence[VariantResult], baseline: str = BASELINE) ->
 def _check_interval(where: str, value: Any) -> None:
     if value is None:
         return
-    ok = isinstance(value, list | tuple) and len(value) == 2
-    ok = ok and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value) and value[0] <= value[1]
-    if not ok:
-        raise PipelineError(f"benchmark metrics: {where}: an interval must be [low, high] with low <= high")
+    bounds = [value.get("low"), value.get("high")] if isinstance(value, Mapping) and len(value) == 2 else []
+    ok = len(bounds) == 2 and all(isinstance(v, int | float) and not isinstance(v, bool) for v in bounds)
+    if not ok or bounds[0] > bounds[1]:
+        raise PipelineError(f"benchmark metrics: {where}: an interval must be {{low, high}} with low <= high")
 
 
 def check_metrics(doc: Mapping[str, Any]) -> None:
@@ -291,9 +304,9 @@ def flat_metrics(entry: Mapping[str, Any]) -> dict[str, float]:
     flat: dict[str, Any] = {k: v for k, v in entry.items() if isinstance(v, int | float) and not isinstance(v, bool)}
     flat.update({f"{task}/{m}": v for task, ms in entry["tasks"].items() for m, v in ms.items()})
 
-    def bounds(prefix: str, interval: Sequence[float] | None) -> None:
+    def bounds(prefix: str, interval: Mapping[str, float] | None) -> None:
         if interval is not None:
-            flat[f"{prefix}_ci_low"], flat[f"{prefix}_ci_high"] = interval
+            flat[f"{prefix}_ci_low"], flat[f"{prefix}_ci_high"] = interval["low"], interval["high"]
 
     for task, ms in (entry.get("intervals") or {}).items():
         for m, interval in ms.items():
@@ -306,7 +319,8 @@ def flat_metrics(entry: Mapping[str, Any]) -> dict[str, float]:
     for where, c in _comparisons(entry):
         flat[f"vs_original/{where}/difference"] = c["difference"]
         if c.get("interval") is not None:
-            flat[f"vs_original/{where}/ci_low"], flat[f"vs_original/{where}/ci_high"] = c["interval"]
+            flat[f"vs_original/{where}/ci_low"] = c["interval"]["low"]
+            flat[f"vs_original/{where}/ci_high"] = c["interval"]["high"]
         if c.get("p_value") is not None:
             flat[f"vs_original/{where}/p_value"] = c["p_value"]
     return {k: v for k, v in flat.items() if v is not None}
@@ -352,13 +366,13 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return lines
 
 
-def _ci(interval: Sequence[float] | None, spec: str, scale: float = 1.0) -> str:
+def _ci(interval: Mapping[str, float] | None, spec: str, scale: float = 1.0) -> str:
     if interval is None:
         return "[-]"
-    return f"[{interval[0] * scale:{spec}}, {interval[1] * scale:{spec}}]"
+    return f"[{interval['low'] * scale:{spec}}, {interval['high'] * scale:{spec}}]"
 
 
-def _with_ci(value: float | None, interval: Sequence[float] | None, spec: str, scale: float = 1.0) -> str:
+def _with_ci(value: float | None, interval: Mapping[str, float] | None, spec: str, scale: float = 1.0) -> str:
     if value is None:
         return "-"
     return f"{value * scale:{spec}} {_ci(interval, spec, scale)}"
@@ -520,8 +534,8 @@ def method_text(method: Mapping[str, Any]) -> str:
     )
 
 
-def _bounds(interval: Sequence[float] | None) -> dict[str, float | None]:
-    return {"ci_low": interval[0], "ci_high": interval[1]} if interval is not None else {"ci_low": None, "ci_high": None}
+def _bounds(interval: Mapping[str, float] | None) -> dict[str, float | None]:
+    return {"ci_low": interval["low"] if interval else None, "ci_high": interval["high"] if interval else None}
 
 
 def _plot_rows(metrics: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]]:
@@ -668,7 +682,7 @@ def write_plots(metrics: Mapping[str, Any], directory: str | Path) -> list[Path]
     ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
     tops = [r["ci_high"] if r["ci_high"] is not None else r["speedup"] for r in rows]
     ax.set_ylim(0, max(tops + [1.0]) * 1.35)
-    ax.set_title("Decoding speed-up relative to the original model (bars: 95% interval)")
+    ax.set_title("Decoding speed-up vs the original model (bars: 95% interval)")
     ax.set_xlabel("variant (hatched: dynamic expert skipping)")
     ax.set_ylabel("speed-up (x, tokens/s over original)")
     written.append(_save(fig, directory / "speedup.png"))
