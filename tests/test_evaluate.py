@@ -32,6 +32,7 @@ from pipeline.evaluate.report import (
     check_metrics,
     flat_metrics,
     render_report,
+    speedup_cell,
     verdict_tags,
     write_plots,
 )
@@ -305,7 +306,7 @@ def _variant(name: str, correct: list[int], ll_scale: float, runs: list[float], 
     return VariantResult(name, tasks, items=items, tokens_per_s=median, tokens_per_s_runs=runs, **kw)
 
 
-ORIGINAL_RUNS = [100.0, 98.0, 103.0, 101.0, 99.0]
+ORIGINAL_RUNS = [100.0, 98.0, 103.0, 101.0, 99.0, 100.0]
 
 
 def _results() -> list[VariantResult]:
@@ -314,11 +315,11 @@ def _results() -> list[VariantResult]:
     return [
         _variant("original", list(range(10)), 1.0, ORIGINAL_RUNS, weight_bytes=8_000_000, experts_per_layer=8,
                  peak_rss_bytes=10**9, expert_evals_per_token=2.0),
-        _variant("original_skip", list(range(10)), 1.0, [103.0, 96.0, 101.0, 104.0, 97.0], weight_bytes=8_000_000,
+        _variant("original_skip", list(range(10)), 1.0, [103.0, 96.0, 101.0, 104.0, 97.0, 99.0], weight_bytes=8_000_000,
                  experts_per_layer=8, expert_evals_per_token=1.5, skipped_fraction=0.25),
-        _variant("pruned", list(range(8)), 1.2, [126.0, 121.0, 130.0, 125.5, 124.0], weight_bytes=6_000_000,
+        _variant("pruned", list(range(8)), 1.2, [126.0, 121.0, 130.0, 125.5, 124.0, 125.0], weight_bytes=6_000_000,
                  experts_per_layer=6, peak_rss_bytes=9 * 10**8, expert_evals_per_token=2.0),
-        _variant("pruned_skip", list(range(8)), 1.2, [float("nan")] * 5, weight_bytes=6_000_000, experts_per_layer=6,
+        _variant("pruned_skip", list(range(8)), 1.2, [float("nan")] * 6, weight_bytes=6_000_000, experts_per_layer=6,
                  expert_evals_per_token=1.5, skipped_fraction=0.25),
     ]
 
@@ -332,8 +333,8 @@ def test_metrics_schema():
     # speed: median and spread over rounds; speed-up = median of per-round ratios, with interval and verdict
     o = v["original"]
     assert o["speedup"] == 1.0 and o["speedup_verdict"] is None and o["vs_original"] is None
-    assert o["tokens_per_s_spread"] == {"median": 100.0, "min": 98.0, "max": 103.0, "q1": 99.0, "q3": 101.0, "rounds": 5}
-    ratios = [p / b for p, b in zip([126.0, 121.0, 130.0, 125.5, 124.0], ORIGINAL_RUNS, strict=True)]
+    assert o["tokens_per_s_spread"] == {"median": 100.0, "min": 98.0, "max": 103.0, "q1": 99.25, "q3": 100.75, "rounds": 6}
+    ratios = [p / b for p, b in zip([126.0, 121.0, 130.0, 125.5, 124.0, 125.0], ORIGINAL_RUNS, strict=True)]
     assert v["pruned"]["speedup"] == pytest.approx(float(np.median(ratios)))
     assert v["pruned"]["speedup_verdict"] == "faster" and v["pruned"]["speedup_interval"]["low"] > 1.0
     low, high = v["original_skip"]["speedup_interval"].values()
@@ -420,7 +421,11 @@ def test_report_has_paper_layout_intervals_verdicts_and_plots(tmp_path):
     assert not any(line.startswith("| original | embedded_code_mc |") for line in lines)  # no row for the baseline
     assert any(line.startswith("| Model | embedded_code_ppl bits_per_byte") for line in lines)
     assert "## How the intervals are computed" in text and "Wilson" in text and "McNemar" in text
-    assert "| original | 100.0 | 98.0-103.0 | 99.0-101.0 | 5 | 1.00x (reference) |" in text
+    assert "| original | 100.0 | 98.0-103.0 | 99.2-100.8 | 6 | 1.00x (reference) |" in text
+    few = build_metrics([_variant("original", [], 1.0, [100.0, 101.0], weight_bytes=1),
+                         _variant("pruned", [], 1.0, [150.0, 152.0], weight_bytes=1)])["variants"]["pruned"]
+    assert few["speedup_verdict"] == "within noise"  # two rounds cannot show a speed-up
+    assert speedup_cell(few) == f"within noise ({few['speedup']:.2f}x {ci(few['speedup_interval'], 1.0, '.2f')}, too few rounds)"
     big = build_metrics(
         [VariantResult("original", {"boolq": {"acc": 0.85}}, weight_bytes=89_900_000_000, tokens_per_s=10.0)]
     )

@@ -97,6 +97,8 @@ def test_speed_spread_and_speedup_verdicts():
     fast = stats.speedup(base, [b * f for b, f in zip(base, [1.3, 1.28, 1.35, 1.31, 1.29, 1.33], strict=True)])
     assert fast.verdict == stats.FASTER and fast.ratio == pytest.approx(1.305) and fast.interval[0] > 1.0
     assert stats.speedup(base, [b * 0.7 for b in base]).verdict == stats.SLOWER
+    few = stats.speedup(base[:5], [b * 1.3 for b in base[:5]])  # 5 rounds all faster: 2/2**5 > 5% by chance
+    assert few.interval[0] > 1.0 and few.verdict == stats.WITHIN_NOISE
     one = stats.speedup([100.0], [140.0])
     assert one.ratio == pytest.approx(1.4) and one.interval is None and one.verdict == stats.WITHIN_NOISE
     assert stats.speedup([float("nan")], [1.0]) is None

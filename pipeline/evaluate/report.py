@@ -388,6 +388,8 @@ def speedup_cell(entry: Mapping[str, Any], reference: bool = False) -> str:
     text = f"{ratio:.2f}x {_ci(interval, '.2f')}" if interval is not None else f"{ratio:.2f}x, no interval"
     if word == stats.FASTER:
         return text
+    if word in (None, stats.WITHIN_NOISE) and interval is not None and not interval["low"] <= 1.0 <= interval["high"]:
+        text += ", too few rounds"
     return f"{word or stats.WITHIN_NOISE} ({text})"
 
 
@@ -528,7 +530,8 @@ def method_text(method: Mapping[str, Any]) -> str:
         f"Perplexity and bits per byte: {method['perplexity_interval']}. Differences from the baseline: "
         f"{method['difference_interval']}; for accuracy also {method['accuracy_test']}. Average accuracy: "
         f"{method['average_accuracy_interval']}. Tokens/s: median, min-max and interquartile range over the "
-        f"interleaved rounds; speed-up: {method['speedup_interval']}. Bootstraps: "
+        f"interleaved rounds; speed-up: {method['speedup_interval']}, with a verdict only from "
+        f"{method['speedup_min_rounds']} rounds on (fewer cannot reach {method['confidence']:.0%}). Bootstraps: "
         f"{method['bootstrap_resamples']} resamples, seed {method['seed']} (scipy.stats.bootstrap). "
         "An interval shown as [-] could not be estimated (fewer than two items, documents or rounds)."
     )

@@ -8,7 +8,7 @@
   documents (perplexity), plus McNemar's exact test on the discordant items for accuracy;
 - the average accuracy over tasks: a bootstrap resampling items within each task (stratified);
 - speed: median and spread of tokens/s over the interleaved rounds; the speed-up is the median of
-  the per-round ratios with a bootstrap interval over rounds.
+  the per-round ratios with a bootstrap interval over rounds (a verdict needs :data:`MIN_ROUNDS`).
 
 A verdict is ``better`` / ``worse`` (``faster`` / ``slower`` for speed) only when the 95% interval
 excludes no change (0 for a difference, 1 for a speed ratio), otherwise ``within noise``.
@@ -31,6 +31,10 @@ CONFIDENCE = 0.95
 RESAMPLES = 2_000
 #: Seed of every bootstrap.
 SEED = 0
+#: Fewest timed rounds for a speed verdict: a bootstrap interval of a median over n rounds excludes
+#: 1 once all n per-round ratios lie on one side of 1, which chance alone does with probability
+#: 2 / 2**n (6.25% at 5 rounds, 3.1% at 6), so below 6 rounds no verdict reaches 95% confidence.
+MIN_ROUNDS = 6
 #: Resamples drawn at once (bounds memory on tasks with many items).
 _BATCH = 500
 
@@ -46,6 +50,7 @@ METHOD = {
     "accuracy_test": "McNemar's exact test (binomial test on discordant items)",
     "average_accuracy_interval": "bootstrap resampling items within each task",
     "speedup_interval": "percentile bootstrap over rounds of the median per-round tokens/s ratio",
+    "speedup_min_rounds": MIN_ROUNDS,
     "bootstrap_resamples": RESAMPLES,
     "seed": SEED,
 }
@@ -220,7 +225,8 @@ class Speedup:
 
 def speedup(base_runs: Sequence[float], runs: Sequence[float]) -> Speedup | None:
     """Speed-up from rounds timed side by side (round i of both lists ran in the same round);
-    rounds where either value is not finite are left out. None without any usable round."""
+    rounds where either value is not finite are left out. The verdict stays ``within noise`` with
+    fewer than :data:`MIN_ROUNDS` rounds. None without any usable round."""
     if len(base_runs) != len(runs):
         raise ValueError(f"speed rounds differ in number ({len(base_runs)} vs {len(runs)})")
     ratios = np.asarray(
@@ -230,7 +236,7 @@ def speedup(base_runs: Sequence[float], runs: Sequence[float]) -> Speedup | None
     if ratios.size == 0:
         return None
     interval = _bootstrap([ratios], np.median, paired=False)
-    if interval is None or interval[0] <= 1.0 <= interval[1]:
+    if interval is None or interval[0] <= 1.0 <= interval[1] or ratios.size < MIN_ROUNDS:
         word = WITHIN_NOISE
     else:
         word = FASTER if interval[0] > 1.0 else SLOWER
