@@ -338,7 +338,11 @@ class SpeedParams(Section):
 
     prompts: PosInt = Field(4, description="prompts (multiple-choice contexts of the corpus eval data)")
     new_tokens: PosInt = Field(48, description="tokens generated per prompt (exactly; EOS suppressed)")
-    repeats: PosInt = Field(5, description="timed rounds; all variants interleaved each round; median reported")
+    repeats: PosInt = Field(
+        5,
+        description="timed rounds; all variants interleaved each round; median reported (a faster / slower "
+        "verdict needs at least 6)",
+    )
     warmup: NonNegInt = Field(
         1,
         description="untimed rounds first (the first also counts expert evaluations per token)",
