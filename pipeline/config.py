@@ -343,7 +343,8 @@ class SpeedParams(Section):
     new_tokens: PosInt = Field(48, description="tokens generated per prompt (exactly; EOS suppressed)")
     repeats: PosInt = Field(
         7,
-        description="timed rounds; all variants interleaved each round; median reported (a speed verdict needs 6)",
+        description="timed rounds; all variants interleaved each round; median reported (a faster / slower "
+        "verdict needs at least 6)",
     )
     warmup: NonNegInt = Field(
         1,

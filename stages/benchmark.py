@@ -1,7 +1,8 @@
 """Stage benchmark: lm-eval accuracy/perplexity, speed and memory of original, pruned and skip variants.
 
 Writes outputs/benchmark/{metrics.json, report.md, results/, plots/}; one MLflow child run per
-variant (under this stage's run) carries the upstream settings that produced it and its results.
+variant (under this stage's run) carries the upstream settings that produced it, its results with
+their 95% intervals, and its verdicts against the original as ``verdict/...`` tags.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from pipeline.errors import PipelineError  # noqa: E402
 from pipeline.evaluate import BenchmarkSetup, build_metrics, run_benchmark, write_plots  # noqa: E402
-from pipeline.evaluate.report import check_metrics, flat_metrics, write_report  # noqa: E402
-from pipeline.evaluate.runner import build_variants, describe_settings, variant_params  # noqa: E402
+from pipeline.evaluate.report import check_metrics, flat_metrics, verdict_tags, write_report  # noqa: E402
+from pipeline.evaluate.runner import ITEMS_SUFFIX, build_variants, describe_settings, variant_params  # noqa: E402
 from pipeline.io import read_json, write_json  # noqa: E402
 from pipeline.models.loading import ModelManifest, checkpoint_fingerprint  # noqa: E402
 from pipeline.runtime import resolve_device, resolve_dtype  # noqa: E402
@@ -58,13 +59,17 @@ def main(ctx: StageContext) -> None:
     for v, r in zip(variants, results, strict=True):
         entry = metrics["variants"][v.name]
         with ctx.run.child(
-            v.name, params=variant_params(v, vars(manifest), selection, thresholds, r.experts_per_layer)
+            v.name,
+            params=variant_params(v, vars(manifest), selection, thresholds, r.experts_per_layer),
+            tags=verdict_tags(entry),
         ) as child:
             child.log_metrics(flat_metrics(entry))
             child.log_artifact(ctx.out / "results" / f"{v.name}.json", "results")
-        ctx.run.log_metrics(
-            {f"{v.name}/{k}": entry[k] for k in ("average_accuracy", "tokens_per_s", "speedup", "weight_bytes")}
-        )
+            child.log_artifact(ctx.out / "results" / f"{v.name}{ITEMS_SUFFIX}", "results")
+        flat = flat_metrics(entry)
+        keys = ("average_accuracy", "average_accuracy_ci_low", "average_accuracy_ci_high", "tokens_per_s", "speedup",
+                "speedup_ci_low", "speedup_ci_high", "weight_bytes")
+        ctx.run.log_metrics({f"{v.name}/{k}": flat[k] for k in keys if k in flat})
     for path in [ctx.out / "report.md", ctx.out / "metrics.json", ctx.out / "results" / "speed.json", *plots]:
         ctx.run.log_artifact(path, "plots" if path.parent.name == "plots" else None)
 

@@ -10,12 +10,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from pipeline.config import VARIANTS, BenchmarkParams, SpeedParams
 from pipeline.errors import PipelineError
+from pipeline.evaluate import stats
 from pipeline.evaluate.lmeval import (
+    ItemScores,
     average_accuracy,
     evaluate_model,
     prepare_tasks,
@@ -27,7 +30,10 @@ from pipeline.evaluate.report import (
     VariantResult,
     build_metrics,
     check_metrics,
+    flat_metrics,
     render_report,
+    speedup_cell,
+    verdict_tags,
     write_plots,
 )
 from pipeline.evaluate.runner import build_variants
@@ -80,8 +86,15 @@ def lm_results(tmp_path_factory):
     eval_dir = write_eval_data(tmp_path_factory.mktemp("eval"))
     model, tok = tiny_model(seed=1), tiny_tokenizer()
     with select_tasks(["embedded"], eval_dir) as sel:
-        raw, rows = evaluate_model(model, tok, sel, batch_size=8)
-    return {"raw": raw, "rows": rows, "model": model, "tok": tok, "eval_dir": eval_dir}
+        evaluation = evaluate_model(model, tok, sel, batch_size=8)
+    return {
+        "raw": evaluation.raw,
+        "rows": evaluation.rows,
+        "items": evaluation.items,
+        "model": model,
+        "tok": tok,
+        "eval_dir": eval_dir,
+    }
 
 
 def _direct_mc_accuracy(model, tok, path: Path) -> float:
@@ -123,6 +136,28 @@ def test_embedded_tasks_run_offline_through_lm_eval(lm_results):
     assert cfg["dataset_path"] == "json"
     assert cfg["dataset_kwargs"]["data_files"]["test"] == str((lm_results["eval_dir"] / "code_mc.jsonl").resolve())
     assert raw["n-shot"][mc_task_name("code")] == 0
+
+
+def test_per_document_scores_reproduce_lm_eval_metrics(lm_results):
+    """log_samples: per-document correctness and rolling log-likelihoods with word/byte counts, in doc order."""
+    raw, items = lm_results["raw"], lm_results["items"]
+    assert "samples" not in raw  # the bulky per-sample log is not kept
+    metrics = task_metrics(raw, lm_results["rows"])
+    assert set(items) == set(lm_results["rows"])
+    for domain in ("code", "prose"):
+        mc = items[mc_task_name(domain)]
+        assert mc.doc_ids == [str(i) for i in range(6)]
+        for metric in ("acc", "acc_norm"):
+            assert set(mc.scores[metric]) <= {0.0, 1.0}
+            assert np.mean(mc.scores[metric]) == pytest.approx(metrics[mc_task_name(domain)][metric])
+        ppl = items[ppl_task_name(domain)]
+        texts = [json.loads(line)["text"] for line in (lm_results["eval_dir"] / f"{domain}_ppl.jsonl").open()]
+        assert ppl.words == [len(t.split()) for t in texts] and ppl.bytes == [len(t.encode()) for t in texts]
+        assert all(ll < 0 for ll in ppl.loglikelihood)
+        for metric in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
+            value = stats.corpus_metric(metric, np.array(ppl.loglikelihood), np.array(ppl.counts(metric)))
+            assert value == pytest.approx(metrics[ppl_task_name(domain)][metric])
+        assert ItemScores.from_json(json.loads(dumps_json(ppl.to_json()))) == ppl
 
 
 def test_average_accuracy_uses_accuracy_tasks_only(lm_results):
@@ -249,43 +284,43 @@ def test_weight_bytes_and_peak_memory():
     assert mem.peak_rss_bytes >= 64 * 1024 * 1024 and mem.peak_cuda_bytes is None
 
 
-def _results() -> list[VariantResult]:
+def _variant(name: str, correct: list[int], ll_scale: float, runs: list[float], **kw) -> VariantResult:
+    """A variant whose lm-eval metrics are exactly the means / corpus metrics of its per-document scores."""
+    acc = [float(i in correct) for i in range(20)]
+    acc_norm = [float(i < 5) for i in range(20)]
+    ll = [-ll_scale * (30 + 3 * d) for d in range(10)]
+    words, nbytes = [10 + d for d in range(10)], [50 + 4 * d for d in range(10)]
+    items = {
+        "embedded_code_mc": ItemScores([str(i) for i in range(20)], {"acc": acc, "acc_norm": acc_norm}),
+        "embedded_code_ppl": ItemScores([str(d) for d in range(10)], loglikelihood=ll, words=words, bytes=nbytes),
+    }
     tasks = {
-        "embedded_code_mc": {"acc": 0.5, "acc_norm": 0.25},
-        "embedded_code_ppl": {"word_perplexity": 12.0, "bits_per_byte": 1.5},
+        "embedded_code_mc": {"acc": float(np.mean(acc)), "acc_norm": float(np.mean(acc_norm))},
+        "embedded_code_ppl": {
+            "word_perplexity": float(stats.corpus_metric("word_perplexity", np.array(ll), np.array(words))),
+            "bits_per_byte": float(stats.corpus_metric("bits_per_byte", np.array(ll), np.array(nbytes))),
+        },
     }
-    pruned = {
-        "embedded_code_mc": {"acc": 0.4, "acc_norm": 0.3},
-        "embedded_code_ppl": {"word_perplexity": 15.0, "bits_per_byte": 1.7},
-    }
+    finite = [r for r in runs if math.isfinite(r)]
+    median = float(np.median(finite)) if finite else float("nan")
+    return VariantResult(name, tasks, items=items, tokens_per_s=median, tokens_per_s_runs=runs, **kw)
+
+
+ORIGINAL_RUNS = [100.0, 98.0, 103.0, 101.0, 99.0, 100.0]
+
+
+def _results() -> list[VariantResult]:
+    """original: 10/20 right; original_skip: the same items, speed within noise; pruned: two items lost,
+    every document's log-likelihood 20% lower, ~1.25x faster in every round; pruned_skip: no speed."""
     return [
-        VariantResult(
-            "original",
-            tasks,
-            weight_bytes=8_000_000,
-            experts_per_layer=8,
-            tokens_per_s=100.0,
-            peak_rss_bytes=10**9,
-            expert_evals_per_token=2.0,
-        ),
-        VariantResult(
-            "pruned",
-            pruned,
-            weight_bytes=6_000_000,
-            experts_per_layer=6,
-            tokens_per_s=125.0,
-            peak_rss_bytes=9 * 10**8,
-            expert_evals_per_token=2.0,
-        ),
-        VariantResult(
-            "pruned_skip",
-            pruned,
-            weight_bytes=6_000_000,
-            experts_per_layer=6,
-            tokens_per_s=float("nan"),
-            expert_evals_per_token=1.5,
-            skipped_fraction=0.25,
-        ),
+        _variant("original", list(range(10)), 1.0, ORIGINAL_RUNS, weight_bytes=8_000_000, experts_per_layer=8,
+                 peak_rss_bytes=10**9, expert_evals_per_token=2.0),
+        _variant("original_skip", list(range(10)), 1.0, [103.0, 96.0, 101.0, 104.0, 97.0, 99.0], weight_bytes=8_000_000,
+                 experts_per_layer=8, expert_evals_per_token=1.5, skipped_fraction=0.25),
+        _variant("pruned", list(range(8)), 1.2, [126.0, 121.0, 130.0, 125.5, 124.0, 125.0], weight_bytes=6_000_000,
+                 experts_per_layer=6, peak_rss_bytes=9 * 10**8, expert_evals_per_token=2.0),
+        _variant("pruned_skip", list(range(8)), 1.2, [float("nan")] * 6, weight_bytes=6_000_000, experts_per_layer=6,
+                 expert_evals_per_token=1.5, skipped_fraction=0.25),
     ]
 
 
@@ -293,34 +328,108 @@ def test_metrics_schema():
     metrics = build_metrics(_results())
     check_metrics(metrics)
     v = metrics["variants"]
-    assert set(v) == {"original", "pruned", "pruned_skip"}
-    assert v["original"]["speedup"] == 1.0 and v["pruned"]["speedup"] == pytest.approx(1.25)
+    assert set(v) == {"original", "original_skip", "pruned", "pruned_skip"}
+    assert metrics["baseline"] == "original" and metrics["statistics"]["confidence"] == 0.95
+    # speed: median and spread over rounds; speed-up = median of per-round ratios, with interval and verdict
+    o = v["original"]
+    assert o["speedup"] == 1.0 and o["speedup_verdict"] is None and o["vs_original"] is None
+    assert o["tokens_per_s_spread"] == {"median": 100.0, "min": 98.0, "max": 103.0, "q1": 99.25, "q3": 100.75, "rounds": 6}
+    ratios = [p / b for p, b in zip([126.0, 121.0, 130.0, 125.5, 124.0, 125.0], ORIGINAL_RUNS, strict=True)]
+    assert v["pruned"]["speedup"] == pytest.approx(float(np.median(ratios)))
+    assert v["pruned"]["speedup_verdict"] == "faster" and v["pruned"]["speedup_interval"]["low"] > 1.0
+    low, high = v["original_skip"]["speedup_interval"].values()
+    assert v["original_skip"]["speedup_verdict"] == "within noise" and low <= 1.0 <= high
     assert v["pruned_skip"]["tokens_per_s"] is None and v["pruned_skip"]["speedup"] is None  # non-finite -> null
-    assert v["original"]["average_accuracy"] == 0.5
-    assert v["original"]["tasks"]["embedded_code_ppl"]["bits_per_byte"] == 1.5
+    assert v["pruned_skip"]["tokens_per_s_spread"] is None
+    # accuracy and perplexity with their intervals
+    assert o["average_accuracy"] == 0.5
+    low, high = stats.accuracy_interval([1.0] * 10 + [0.0] * 10)
+    assert o["intervals"]["embedded_code_mc"]["acc"] == {"low": low, "high": high}
+    for name, e in v.items():
+        for task, ms in e["intervals"].items():
+            for metric, ci in ms.items():
+                assert ci["low"] <= e["tasks"][task][metric] <= ci["high"], (name, task, metric)
+        assert e["average_accuracy_interval"]["low"] <= e["average_accuracy"] <= e["average_accuracy_interval"]["high"]
+    # paired differences from the original
+    vs = v["pruned"]["vs_original"]
+    acc = vs["tasks"]["embedded_code_mc"]["acc"]
+    assert acc["difference"] == pytest.approx(-0.1) and acc["n"] == 20
+    assert acc["p_value"] == pytest.approx(0.5) and acc["verdict"] == "within noise"  # 0 gained, 2 lost
+    assert vs["tasks"]["embedded_code_ppl"]["word_perplexity"]["verdict"] == "worse"
+    assert vs["tasks"]["embedded_code_ppl"]["word_perplexity"]["difference"] > 0
+    assert vs["average_accuracy"]["difference"] == pytest.approx(-0.1)
+    same = v["original_skip"]["vs_original"]["tasks"]
+    assert same["embedded_code_mc"]["acc"]["difference"] == 0.0
+    assert {c["verdict"] for ms in same.values() for c in ms.values()} == {"within noise"}
+    # MLflow: intervals and differences as metrics, verdicts as tags
+    flat = flat_metrics(v["pruned"])
+    assert flat["embedded_code_mc/acc_ci_low"] < 0.4 < flat["embedded_code_mc/acc_ci_high"]
+    assert flat["vs_original/embedded_code_mc/acc/p_value"] == pytest.approx(0.5)
+    assert flat["speedup_ci_low"] > 1.0 and "tokens_per_s_q1" in flat
+    assert all(isinstance(x, int | float) for x in flat.values())
+    tags = verdict_tags(v["pruned"])
+    assert tags["verdict/speedup"] == "faster" and tags["verdict/embedded_code_ppl/word_perplexity"] == "worse"
     json.loads(dumps_json(metrics))  # strict JSON, no NaN
+    assert build_metrics(_results()) == metrics  # seeded bootstrap: the same document every time
     bad = json.loads(dumps_json(metrics))
     del bad["variants"]["pruned"]["weight_bytes"]
     with pytest.raises(PipelineError, match="'pruned' lacks weight_bytes"):
+        check_metrics(bad)
+    bad = json.loads(dumps_json(metrics))
+    bad["variants"]["pruned"]["intervals"]["embedded_code_mc"]["acc"] = {"low": 0.6, "high": 0.2}
+    with pytest.raises(PipelineError, match="pruned/embedded_code_mc/acc: an interval must be"):
+        check_metrics(bad)
+    bad = json.loads(dumps_json(metrics))
+    bad["variants"]["pruned"]["vs_original"]["tasks"]["embedded_code_mc"]["acc"]["verdict"] = "great"
+    with pytest.raises(PipelineError, match="vs_original/embedded_code_mc/acc: verdict 'great'"):
         check_metrics(bad)
     with pytest.raises(PipelineError, match="non-empty"):
         check_metrics({"variants": {}})
 
 
-def test_report_has_paper_layout_and_plots(tmp_path):
+def test_report_has_paper_layout_intervals_verdicts_and_plots(tmp_path):
     metrics = build_metrics(_results())
+    v = metrics["variants"]
     text = render_report(metrics, {"speed": "greedy"})
     lines = text.splitlines()
     header = next(line for line in lines if line.startswith("| Model | Experts"))
     assert header == "| Model | Experts | embedded_code_mc | Average | Memory (MB) | Speed-up |"
-    assert "| original | 8 | 50.00 | 50.00 | 8.0 | 1.00x |" in lines
-    assert "| pruned | 6 | 40.00 | 40.00 | 6.0 | 1.25x |" in lines
-    assert "| pruned_skip | 6 | 40.00 | 40.00 | 6.0 | - |" in lines
+
+    def ci(interval, scale=100.0, spec=".1f"):
+        return f"[{interval['low'] * scale:{spec}}, {interval['high'] * scale:{spec}}]"
+
+    acc_ci = ci(v["original"]["intervals"]["embedded_code_mc"]["acc"])
+    avg_ci = ci(v["original"]["average_accuracy_interval"])
+    assert f"| original | 8 | 50.0 {acc_ci} | 50.0 {avg_ci} | 8.0 | 1.00x (reference) |" in lines
+    pruned = next(line for line in lines if line.startswith("| pruned | 6 | 40.0 ["))
+    assert pruned.endswith(f"| {v['pruned']['speedup']:.2f}x {ci(v['pruned']['speedup_interval'], 1.0, '.2f')} |")
+    skip = next(line for line in lines if line.startswith("| original_skip | 8 |"))
+    # a speed-up inside the noise never reads as a speed-up
+    assert skip.endswith(
+        f"| within noise ({v['original_skip']['speedup']:.2f}x {ci(v['original_skip']['speedup_interval'], 1.0, '.2f')}) |"
+    )
+    assert "| pruned_skip | 6 | 40.0 [" in text and "| pruned_skip | decoding |" not in text  # not timed: no speed-up
+    # the differences table: accuracy in points with McNemar's p, perplexity, speed-up, verdicts
+    assert "## Differences from `original`" in text
+    acc_row = next(line for line in lines if line.startswith("| pruned | embedded_code_mc | acc |"))
+    assert acc_row.startswith("| pruned | embedded_code_mc | acc | -10.0 pp | [") and acc_row.endswith("| 0.5 | within noise |")
+    assert any(line.startswith("| pruned | embedded_code_ppl | word_perplexity | +") and line.endswith("| worse |")
+               for line in lines)
+    assert any(line.startswith("| pruned | decoding | speed-up |") and line.endswith("| faster |") for line in lines)
+    assert any(line.startswith("| original_skip | decoding | speed-up |") and line.endswith("| within noise |")
+               for line in lines)
+    assert not any(line.startswith("| original | embedded_code_mc |") for line in lines)  # no row for the baseline
     assert any(line.startswith("| Model | embedded_code_ppl bits_per_byte") for line in lines)
+    assert "## How the intervals are computed" in text and "Wilson" in text and "McNemar" in text
+    assert "| original | 100.0 | 98.0-103.0 | 99.2-100.8 | 6 | 1.00x (reference) |" in text
+    few = build_metrics([_variant("original", [], 1.0, [100.0, 101.0], weight_bytes=1),
+                         _variant("pruned", [], 1.0, [150.0, 152.0], weight_bytes=1)])["variants"]["pruned"]
+    assert few["speedup_verdict"] == "within noise"  # two rounds cannot show a speed-up
+    assert speedup_cell(few) == f"within noise ({few['speedup']:.2f}x {ci(few['speedup_interval'], 1.0, '.2f')}, too few rounds)"
     big = build_metrics(
         [VariantResult("original", {"boolq": {"acc": 0.85}}, weight_bytes=89_900_000_000, tokens_per_s=10.0)]
     )
-    assert "| original | - | 85.00 | 85.00 | 89.9 | 1.00x |" in render_report(big).splitlines()
+    assert "| original | - | 85.0 [-] | 85.0 [-] | 89.9 | 1.00x (reference) |" in render_report(big).splitlines()
     files = write_plots(metrics, tmp_path / "plots")
     names = {f.name for f in files}
     assert {
@@ -336,8 +445,10 @@ def test_report_has_paper_layout_and_plots(tmp_path):
             assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = json.loads((tmp_path / "plots" / "task_accuracy.json").read_text())
     assert {(r["task"], r["variant"], r["accuracy"]) for r in rows} >= {("embedded_code_mc", "pruned", 0.4)}
+    assert all(r["ci_low"] <= r["accuracy"] <= r["ci_high"] for r in rows)  # the error bars drawn
     speed = json.loads((tmp_path / "plots" / "speedup.json").read_text())
-    assert [r["variant"] for r in speed] == ["original", "pruned"]
+    assert [r["variant"] for r in speed] == ["original", "original_skip", "pruned"]
+    assert [r["verdict"] for r in speed] == [None, "within noise", "faster"]
 
 
 def test_skip_variants_evaluate_and_count_fewer_experts(tmp_path):
@@ -369,6 +480,11 @@ def test_skip_variants_evaluate_and_count_fewer_experts(tmp_path):
         assert results[f"{name}_skip"].weight_bytes == results[name].weight_bytes
     assert results["pruned"].weight_bytes < results["original"].weight_bytes
     assert set(results["original_skip"].tasks) == set(results["original"].tasks)
+    for name, r in results.items():  # per-document scores kept for the paired comparisons
+        assert len(r.tokens_per_s_runs) == 1 and set(r.items) == set(r.tasks)
+        saved = json.loads((tmp_path / "results" / f"{name}.items.json").read_text())
+        assert {t: ItemScores.from_json(d) for t, d in saved["tasks"].items()} == r.items
+        assert r.items["embedded_code_mc"].doc_ids == ["0", "1", "2"]
 
 
 def test_build_variants_errors(tmp_path):
@@ -419,13 +535,25 @@ def test_stage_end_to_end_with_mlflow_and_dvc(tmp_path):
     assert set(metrics["variants"]) == {"original", "pruned"}
     assert metrics["variants"]["original"]["speedup"] == 1.0
     assert metrics["variants"]["pruned"]["weight_bytes"] < metrics["variants"]["original"]["weight_bytes"]
+    # intervals, spread over the 2 rounds, speed-up interval and verdict, paired differences with verdicts
+    pruned = metrics["variants"]["pruned"]
+    for task in ("embedded_code_mc", "embedded_prose_mc"):
+        ci = pruned["intervals"][task]["acc"]
+        assert 0.0 <= ci["low"] <= pruned["tasks"][task]["acc"] <= ci["high"] <= 1.0
+        assert pruned["vs_original"]["tasks"][task]["acc"]["n"] == 4
+        assert 0.0 <= pruned["vs_original"]["tasks"][task]["acc"]["p_value"] <= 1.0
+    assert pruned["tokens_per_s_spread"]["rounds"] == 2 and pruned["speedup_interval"] is not None
+    assert pruned["speedup_verdict"] in ("faster", "slower", "within noise")
+    assert pruned["vs_original"]["average_accuracy"]["verdict"] in ("better", "worse", "within noise")
+    assert "embedded_code_ppl" not in pruned["intervals"]  # one document per domain: no interval
+    assert pruned["vs_original"]["tasks"]["embedded_code_ppl"]["bits_per_byte"]["interval"] is None
     assert set(metrics["variants"]["pruned"]["tasks"]) == {
         "embedded_code_mc",
         "embedded_code_ppl",
         "embedded_prose_mc",
         "embedded_prose_ppl",
     }
-    for name in ("original.json", "pruned.json", "speed.json", "variants.json"):
+    for name in ("original.json", "pruned.json", "original.items.json", "pruned.items.json", "speed.json", "variants.json"):
         assert (bench / "results" / name).is_file(), name
     raw = json.loads((bench / "results" / "pruned.json").read_text())
     assert {"results", "configs", "versions", "n-shot"} <= set(raw)
@@ -453,6 +581,11 @@ def test_stage_end_to_end_with_mlflow_and_dvc(tmp_path):
         metrics["variants"]["pruned"]["average_accuracy"]
     )
     assert "embedded_code_mc/acc" in by_name["original"].data.metrics
+    assert by_name["pruned"].data.metrics["embedded_code_mc/acc_ci_low"] == pruned["intervals"]["embedded_code_mc"]["acc"]["low"]
+    assert "vs_original/embedded_code_mc/acc/p_value" in by_name["pruned"].data.metrics
+    assert by_name["pruned"].data.tags["verdict/speedup"] == pruned["speedup_verdict"]
+    assert by_name["pruned"].data.tags["verdict/embedded_code_mc/acc"] in ("better", "worse", "within noise")
+    assert "## Differences from `original`" in (bench / "report.md").read_text()
 
     dvc = [sys.executable, "-m", "dvc"]
     env = project_env(tmp_path)
@@ -461,6 +594,8 @@ def test_stage_end_to_end_with_mlflow_and_dvc(tmp_path):
         [*dvc, "metrics", "show", "--json"], cwd=tmp_path, env=env, capture_output=True, text=True, check=True
     )
     assert "average_accuracy" in shown.stdout
+    shown_pruned = json.loads(shown.stdout)[""]["data"]["outputs/benchmark/metrics.json"]["data"]["variants"]["pruned"]
+    assert shown_pruned["intervals"]["embedded_code_mc"]["acc"] == pruned["intervals"]["embedded_code_mc"]["acc"]
     plots = subprocess.run(
         [*dvc, "plots", "show", "--json"], cwd=tmp_path, env=env, capture_output=True, text=True, check=True
     )

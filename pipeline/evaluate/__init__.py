@@ -5,6 +5,7 @@
 - :mod:`~pipeline.evaluate.lmeval`: ``simple_evaluate`` on an in-memory model (HFLM) or through vllm;
 - :mod:`~pipeline.evaluate.speed`: greedy decoding at batch size 1, variants interleaved;
 - :mod:`~pipeline.evaluate.memory`: weight bytes, peak RSS and CUDA memory;
+- :mod:`~pipeline.evaluate.stats`: 95% intervals, paired differences from the original, verdicts;
 - :mod:`~pipeline.evaluate.report`: metrics.json, report.md and plots;
 - :mod:`~pipeline.evaluate.runner`: all of the above for a list of variants.
 """

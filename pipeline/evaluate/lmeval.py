@@ -1,8 +1,10 @@
 """Accuracy and perplexity through lm-evaluation-harness, on an in-memory model or (vllm) a checkpoint.
 
 The in-memory path wraps the loaded model in lm-eval's ``HFLM``, so anything patched into the
-model (dynamic expert skipping) is what lm-eval measures. lm-eval's whole result dict is kept;
-:func:`task_metrics` reduces it to ``{task: {metric: value}}`` for the metrics file.
+model (dynamic expert skipping) is what lm-eval measures. lm-eval's whole result dict is kept
+(less its per-sample log); :func:`task_metrics` reduces it to ``{task: {metric: value}}`` for the
+metrics file, and :func:`item_scores` reduces the per-sample log to each document's scores, from
+which the report's intervals and paired comparisons are computed.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -85,14 +87,108 @@ def prepare_tasks(selection: TaskSelection, num_fewshot: Mapping[str, int] | Non
     return PreparedTasks(objects=objects, rows=list(dict.fromkeys(rows)))
 
 
-def _finish(results: dict[str, Any] | None) -> dict[str, Any]:
+@dataclass
+class ItemScores:
+    """One report row's per-document scores, in a stable order (by subtask, then lm-eval's doc id).
+
+    ``scores`` maps an accuracy-type metric (named as in :func:`task_metrics`) to each document's
+    value; a rolling-perplexity task has each document's log-likelihood and word and byte counts.
+    """
+
+    doc_ids: list[str]
+    scores: dict[str, list[float]] = field(default_factory=dict)
+    loglikelihood: list[float] | None = None
+    words: list[int] | None = None
+    bytes: list[int] | None = None
+
+    def counts(self, metric: str) -> list[int] | None:
+        """The per-document counts a perplexity metric divides by (words or bytes)."""
+        return self.words if metric == "word_perplexity" else self.bytes
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON (fields left out when absent)."""
+        return {k: v for k, v in vars(self).items() if v is not None and v != {}}
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> ItemScores:
+        """Inverse of :meth:`to_json`."""
+        return cls(
+            doc_ids=[str(d) for d in doc["doc_ids"]],
+            scores={k: [float(x) for x in v] for k, v in (doc.get("scores") or {}).items()},
+            loglikelihood=doc.get("loglikelihood"),
+            words=doc.get("words"),
+            bytes=doc.get("bytes"),
+        )
+
+
+def _leaves(name: str, group_subtasks: Mapping[str, Sequence[str]]) -> list[str]:
+    if name not in group_subtasks:
+        return [name]
+    return [leaf for sub in group_subtasks[name] for leaf in _leaves(sub, group_subtasks)]
+
+
+def _doc_order(doc_id: Any) -> tuple[int, Any]:
+    return (0, doc_id) if isinstance(doc_id, int) else (1, str(doc_id))
+
+
+def item_scores(results: Mapping[str, Any], rows: Sequence[str]) -> dict[str, ItemScores]:
+    """Per-document scores of each report row from lm-eval's ``samples`` (``log_samples=True``).
+
+    A group row (e.g. ``mmlu``) holds the documents of all its subtasks (``<subtask>:<doc id>``),
+    whose mean is lm-eval's size-weighted group score. Rows without logged samples are left out.
+    """
+    samples = results.get("samples") or {}
+    groups = results.get("group_subtasks") or {}
+    out: dict[str, ItemScores] = {}
+    for row in rows:
+        leaves = [leaf for leaf in _leaves(row, groups) if leaf in samples]
+        if not leaves:
+            continue
+        docs: dict[tuple[int, tuple[int, Any]], dict[str, Any]] = {}
+        for index, leaf in enumerate(leaves):
+            for sample in samples[leaf]:
+                doc_id = sample["doc_id"]
+                key = (index, _doc_order(doc_id))
+                entry = docs.setdefault(key, {"id": f"{leaf}:{doc_id}" if row in groups else str(doc_id)})
+                for metric in sample.get("metrics", ()):
+                    value = sample.get(metric)
+                    if metric in PERPLEXITY_METRICS and isinstance(value, list | tuple) and len(value) == 2:
+                        entry["loglikelihood"] = float(value[0])
+                        entry["words" if metric == "word_perplexity" else "bytes"] = int(value[1])
+                    elif isinstance(value, int | float):  # one sample per filter: the metric is named with it
+                        name = _metric_name(f"{metric},{sample.get('filter', 'none')}")
+                        entry.setdefault("scores", {})[name] = float(value)
+        ordered = [docs[k] for k in sorted(docs)]
+        items = ItemScores(doc_ids=[d["id"] for d in ordered])
+        names = dict.fromkeys(m for d in ordered for m in d.get("scores", {}))
+        items.scores = {
+            m: [d["scores"][m] for d in ordered] for m in names if all(m in d.get("scores", {}) for d in ordered)
+        }
+        for attr in ("loglikelihood", "words", "bytes"):
+            if all(attr in d for d in ordered):
+                setattr(items, attr, [d[attr] for d in ordered])
+        out[row] = items
+    return out
+
+
+@dataclass
+class Evaluation:
+    """lm-eval's result dict (JSON, without the per-sample log), the report rows, per-document scores."""
+
+    raw: dict[str, Any]
+    rows: list[str]
+    items: dict[str, ItemScores]
+
+
+def _finish(results: dict[str, Any] | None, rows: list[str]) -> Evaluation:
     if results is None:
         raise PipelineError("lm-eval returned no results (is this process a non-zero distributed rank?)")
+    items = item_scores(results, rows)
     results.pop("samples", None)
     # round-trip through lm-eval's own serialiser so the dict is plain JSON
     from lm_eval.utils import handle_non_serializable
 
-    return json.loads(json.dumps(results, default=handle_non_serializable))
+    return Evaluation(json.loads(json.dumps(results, default=handle_non_serializable)), rows, items)
 
 
 def evaluate_model(
@@ -104,8 +200,8 @@ def evaluate_model(
     limit: int | None = None,
     num_fewshot: Mapping[str, int] | None = None,
     max_length: int | None = None,
-) -> tuple[dict[str, Any], list[str]]:
-    """Run the selected tasks on an in-memory causal LM; return lm-eval's result dict and report rows."""
+) -> Evaluation:
+    """Run the selected tasks on an in-memory causal LM."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
@@ -116,10 +212,10 @@ def evaluate_model(
         tasks=prepared.objects,
         task_manager=selection.manager,
         limit=limit,
-        log_samples=False,
+        log_samples=True,
         bootstrap_iters=1000,
     )
-    return _finish(results), prepared.rows
+    return _finish(results, prepared.rows)
 
 
 def vllm_available() -> bool:
@@ -153,7 +249,7 @@ def evaluate_checkpoint_vllm(
     num_fewshot: Mapping[str, int] | None = None,
     trust_remote_code: bool = False,
     model_args: Mapping[str, Any] | None = None,
-) -> tuple[dict[str, Any], list[str]]:
+) -> Evaluation:
     """Run the selected tasks on a saved checkpoint through lm-eval's vllm backend.
 
     ``model_args`` (``benchmark.vllm_args``) are passed on to lm-eval's ``VLLM`` model, e.g.
@@ -172,10 +268,10 @@ def evaluate_checkpoint_vllm(
         task_manager=selection.manager,
         batch_size=batch_size,
         limit=limit,
-        log_samples=False,
+        log_samples=True,
         bootstrap_iters=1000,
     )
-    return _finish(results), prepared.rows
+    return _finish(results, prepared.rows)
 
 
 def _metric_name(key: str) -> str:

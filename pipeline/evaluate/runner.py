@@ -24,7 +24,7 @@ import torch
 
 from pipeline.config import BenchmarkParams
 from pipeline.errors import PipelineError
-from pipeline.evaluate.lmeval import evaluate_checkpoint_vllm, evaluate_model, task_metrics
+from pipeline.evaluate.lmeval import Evaluation, evaluate_checkpoint_vllm, evaluate_model, task_metrics
 from pipeline.evaluate.memory import PeakMemory, weight_bytes
 from pipeline.evaluate.report import VariantResult
 from pipeline.evaluate.speed import SpeedCase, SpeedResult, encode_prompts, measure_speed
@@ -149,6 +149,16 @@ def _skipping(model: Any, variant: Variant) -> Any:
     return enable(model, dict(variant.thresholds or {}), experts_implementation=None)
 
 
+#: Suffix of the per-document scores file written next to lm-eval's result (``<variant>.items.json``).
+ITEMS_SUFFIX = ".items.json"
+
+
+def _write_evaluation(results_dir: Path, name: str, evaluation: Evaluation) -> None:
+    write_json(results_dir / f"{name}.json", _json_safe(evaluation.raw))
+    items = {task: scores.to_json() for task, scores in evaluation.items.items()}
+    write_json(results_dir / f"{name}{ITEMS_SUFFIX}", _json_safe({"variant": name, "tasks": items}))
+
+
 def run_accuracy(
     variants: Sequence[Variant],
     settings: BenchmarkSetup,
@@ -156,7 +166,8 @@ def run_accuracy(
     results_dir: Path,
     loader: ModelLoader | None = None,
 ) -> dict[str, VariantResult]:
-    """Phase 1: lm-eval on every variant; lm-eval's raw results go to ``results_dir/<variant>.json``."""
+    """Phase 1: lm-eval on every variant; lm-eval's raw results go to ``results_dir/<variant>.json``,
+    the per-document scores to ``results_dir/<variant>.items.json``."""
     loader = loader or ModelLoader(settings)
     results_dir.mkdir(parents=True, exist_ok=True)
     out: dict[str, VariantResult] = {}
@@ -169,7 +180,7 @@ def run_accuracy(
                         raise PipelineError(
                             f"benchmark.variants: {v.name} needs dynamic skipping, which the vllm backend cannot run"
                         )
-                    raw, rows = evaluate_checkpoint_vllm(
+                    evaluation = evaluate_checkpoint_vllm(
                         path,
                         selection,
                         dtype=str(settings.dtype).removeprefix("torch."),
@@ -179,8 +190,13 @@ def run_accuracy(
                         trust_remote_code=settings.trust_remote_code,
                         model_args=settings.params.vllm_args,
                     )
-                    write_json(results_dir / f"{v.name}.json", _json_safe(raw))
-                    out[v.name] = VariantResult(name=v.name, tasks=task_metrics(raw, rows), weight_bytes=0)
+                    _write_evaluation(results_dir, v.name, evaluation)
+                    out[v.name] = VariantResult(
+                        name=v.name,
+                        tasks=task_metrics(evaluation.raw, evaluation.rows),
+                        weight_bytes=0,
+                        items=evaluation.items,
+                    )
                 continue
             model = loader.model(path)
             tokenizer = loader.tokenizer(path)
@@ -190,7 +206,7 @@ def run_accuracy(
                 handle = _skipping(model, v)
                 try:
                     with PeakMemory(cuda=settings.device.type == "cuda") as mem:
-                        raw, rows = evaluate_model(
+                        evaluation = evaluate_model(
                             model,
                             tokenizer,
                             selection,
@@ -202,10 +218,11 @@ def run_accuracy(
                 finally:
                     if handle is not None:
                         handle.remove()
-                write_json(results_dir / f"{v.name}.json", _json_safe(raw))
+                _write_evaluation(results_dir, v.name, evaluation)
                 out[v.name] = VariantResult(
                     name=v.name,
-                    tasks=task_metrics(raw, rows),
+                    tasks=task_metrics(evaluation.raw, evaluation.rows),
+                    items=evaluation.items,
                     weight_bytes=wbytes,
                     experts_per_layer=experts,
                     peak_rss_bytes=mem.peak_rss_bytes,
@@ -262,8 +279,8 @@ def run_benchmark(
 ) -> list[VariantResult]:
     """Accuracy (lm-eval) then speed of every variant.
 
-    Under ``results_dir``: lm-eval's raw result per variant (``<variant>.json``), every timed round
-    (``speed.json``), and per variant its checkpoint, thresholds, peak-RSS scope and the skipping
+    Under ``results_dir``: lm-eval's raw result per variant (``<variant>.json``), its per-document
+    scores (``<variant>.items.json``), every timed round (``speed.json``), and per variant its checkpoint, thresholds, peak-RSS scope and the skipping
     statistics gathered during lm-eval (``variants.json``).
     """
     if not variants:
@@ -305,6 +322,7 @@ def run_benchmark(
         res = accuracy[v.name]
         s = speed[v.name]
         res.tokens_per_s = s.tokens_per_s
+        res.tokens_per_s_runs = list(s.runs)
         res.expert_evals_per_token = s.expert_evals_per_token
         res.skipped_fraction = s.skipped_fraction
         res.weight_bytes = wbytes[v.name]
