@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -25,10 +28,115 @@ def tiny_mixtral():
     return tiny_model("mixtral")
 
 
-@pytest.fixture(scope="session")
-def compared_project(tmp_path_factory):
-    """A tiny project run end to end twice (search.r 6, then `dvc exp run -S search.r=4`), both
-    committed; MLflow store in ``<project>/mlflow.db``. Shared by the UI, plots and team tests."""
-    from tests.project import run_twice
+#: Session fixtures holding a tiny project that `dvc repro` completed; built in the background (_Projects).
+PROJECT_FIXTURES = ("reproduced_project", "compared_project", "forced_project")
 
-    return run_twice(tmp_path_factory.mktemp("compared") / "project")
+
+def _module(item: pytest.Item) -> str:
+    return item.nodeid.split("::")[0]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Test modules that use a reproduced project run last (each in its own order), so that the
+    project is built while the other tests run (:class:`_Projects`)."""
+    late = {_module(item) for item in items if set(PROJECT_FIXTURES) & set(getattr(item, "fixturenames", ()))}
+    items[:] = [i for i in items if _module(i) not in late] + [i for i in items if _module(i) in late]
+
+
+class _Build:
+    """``build()`` run in a background thread, with the environment as it was at the start;
+    :meth:`result` waits for it and raises what it raised."""
+
+    def __init__(self, name: str, build: Callable[[], Path]) -> None:
+        from tests.project import frozen_environ
+
+        self._result: Path | None = None
+        self._error: BaseException | None = None
+        environ = dict(os.environ)
+
+        def target() -> None:
+            try:
+                with frozen_environ(environ):
+                    self._result = build()
+            except BaseException as exc:  # noqa: BLE001 - raised again by result()
+                self._error = exc
+
+        self._thread = threading.Thread(target=target, name=name, daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        self._thread.join()
+
+    def result(self) -> Path:
+        self.wait()
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
+
+
+class _Projects:
+    """The session's reproduced tiny projects, each built once, in a background thread, from the moment
+    it is first asked for. Their stage processes use about one CPU core; the tests that run meanwhile
+    use the other."""
+
+    def __init__(self, tmp_path_factory: pytest.TempPathFactory) -> None:
+        self._tmp = tmp_path_factory
+        self._builds: dict[str, _Build] = {}
+
+    def start(self, name: str) -> _Build:
+        from tests.project import TINY, merge, rerun_forced, reproduce, run_twice
+
+        if name not in self._builds:
+            if name == "reproduced_project":
+                dest = self._tmp.mktemp("reproduced") / "project"
+                self._builds[name] = _Build(name, lambda: reproduce(dest, merge(TINY, {"search": {"r": 6}})))
+            elif name == "compared_project":
+                reproduced = self.start("reproduced_project")
+                dest = self._tmp.mktemp("compared") / "project"
+                self._builds[name] = _Build(name, lambda: run_twice(reproduced.result(), dest))
+            elif name == "forced_project":
+                reproduced = self.start("reproduced_project")
+                dest = self._tmp.mktemp("forced") / "project"
+                self._builds[name] = _Build(name, lambda: rerun_forced(reproduced.result(), dest))
+            else:
+                raise KeyError(name)
+        return self._builds[name]
+
+    def join(self) -> None:
+        for build in self._builds.values():
+            build.wait()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _projects(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """As the session starts, begins building every reproduced project its tests use."""
+    projects = _Projects(tmp_path_factory)
+    for name in PROJECT_FIXTURES:
+        if any(name in getattr(item, "fixturenames", ()) for item in request.session.items):
+            projects.start(name)
+    yield projects
+    projects.join()  # no stage process outlives the session
+
+
+@pytest.fixture(scope="session")
+def reproduced_project(_projects: _Projects) -> Path:
+    """The tiny project (search.r 6) after one `dvc repro`, committed, with the modules each stage
+    process imported in ``<project>/../imports``. Read-only: a test that changes it (or runs anything
+    that writes to it) works on ``tests.project.clone_project`` of it."""
+    return _projects.start("reproduced_project").result()
+
+
+@pytest.fixture(scope="session")
+def compared_project(_projects: _Projects) -> Path:
+    """A clone of ``reproduced_project`` (search.r 6, tagged r6) after `dvc exp run -S search.r=4`,
+    committed (tagged r4); every MLflow run in ``<project>/mlflow.db``. Shared by the UI, plots, team
+    and bad-input tests."""
+    return _projects.start("compared_project").result()
+
+
+@pytest.fixture(scope="session")
+def forced_project(_projects: _Projects) -> Path:
+    """A clone of ``reproduced_project`` after `dvc repro -f` (every stage rerun, inputs unchanged);
+    what it printed is in ``<project>/../repro.log``."""
+    return _projects.start("forced_project").result()

@@ -8,8 +8,10 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -21,6 +23,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+#: On PYTHONPATH while `dvc repro` runs, it records the project modules each stage process imports.
+TRACER = ROOT / "tests" / "import_trace"
 
 #: A params override that runs the whole chain on a tiny model in well under a minute per stage.
 TINY: dict[str, Any] = {
@@ -65,9 +69,24 @@ def merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+_frozen = threading.local()
+
+
+@contextlib.contextmanager
+def frozen_environ(environ: Mapping[str, str]) -> Iterator[None]:
+    """Commands this thread starts inherit ``environ`` instead of ``os.environ`` (a build in the
+    background is not affected by what runs meanwhile)."""
+    _frozen.environ = dict(environ)
+    try:
+        yield
+    finally:
+        del _frozen.environ
+
+
 def env(project: Path, **extra: str) -> dict[str, str]:
     """Environment for commands in a project copy: this venv's tools first, offline, no telemetry."""
-    e = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_EXP_NAME")}
+    base = getattr(_frozen, "environ", os.environ)
+    e = {k: v for k, v in base.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_EXP_NAME")}
     e.update(
         PATH=f"{BIN}{os.pathsep}{e.get('PATH', '')}",
         DVC_NO_ANALYTICS="1",
@@ -239,19 +258,58 @@ def mlflow_server(backend_store_uri: str, *args: str, cwd: Path, log: Path, time
             proc.wait(timeout=20)
 
 
-def run_twice(dest: Path, first_r: int = 6, second_r: int = 4) -> Path:
-    """The user's loop on a tiny project: ``dvc repro`` with ``search.r = first_r`` (committed),
-    then ``dvc exp run -S search.r=<second_r>`` (applied to the workspace and committed).
+def reproduce(dest: Path, override: Mapping[str, Any] | None = None) -> Path:
+    """:func:`make_project`, then ``dvc repro`` committed as a user would commit it (dvc.lock, run.json,
+    metrics.json). Each stage process records the project modules it imported in
+    ``<dest>/../imports/<stage>.json`` (tests/import_trace)."""
+    project = make_project(dest, override)
+    trace = project.parent / "imports"
+    trace.mkdir()
+    run(project, "dvc", "repro", PYTHONPATH=str(TRACER), IMPORT_TRACE_DIR=str(trace))
+    run(project, "git", "add", "-A")
+    run(project, "git", "commit", "-qm", "repro")
+    return project
 
-    Leaves two git commits tagged ``r<first_r>`` and ``r<second_r>``, both pipelines' outputs in the
-    DVC cache, the DVC experiment on the first commit, and every MLflow run in ``dest/mlflow.db``.
+
+def _not_dvc_tmp(src: Path) -> Callable[[str, list[str]], list[str]]:
+    """``copytree`` ignore: DVC's state and locks (``.dvc/tmp``, keyed by inode) stay behind."""
+    return lambda folder, names: ["tmp"] if Path(folder) == src / ".dvc" else []
+
+
+def clone_project(src: Path, dest: Path) -> Path:
+    """A copy of a project ``dvc repro`` completed (git history, DVC cache, outputs, MLflow store) that
+    stands on its own: its MLflow store keeps the artifacts of new runs in the copy. DVC rehashes the
+    copied files on first use; dvc.lock's hashes hold, so the copy is as up to date as ``src``."""
+    src, dest = src.resolve(), dest.resolve()
+    shutil.copytree(src, dest, symlinks=True, ignore=_not_dvc_tmp(src))
+    db = dest / "mlflow.db"
+    if db.is_file():
+        with contextlib.closing(sqlite3.connect(db)) as con, con:
+            con.execute("update experiments set artifact_location = replace(artifact_location, ?, ?)", (str(src), str(dest)))
+            con.execute("update runs set artifact_uri = replace(artifact_uri, ?, ?)", (str(src), str(dest)))
+    return dest
+
+
+def rerun_forced(reproduced: Path, dest: Path) -> Path:
+    """A clone of ``reproduced`` after ``dvc repro -f``: every stage rerun with unchanged inputs, in
+    another folder; what ``dvc repro`` printed is in ``<dest>/../repro.log``."""
+    project = clone_project(reproduced, dest)
+    (project.parent / "repro.log").write_text(run(project, "dvc", "repro", "-f").stdout)
+    return project
+
+
+def run_twice(reproduced: Path, dest: Path, second_r: int = 4) -> Path:
+    """The user's loop on a tiny project: a clone of ``reproduced`` (a committed ``dvc repro``, see
+    :func:`reproduce`), then ``dvc exp run -S search.r=<second_r>`` (applied to the workspace and committed).
+
+    Leaves two git commits tagged ``r<first>`` (``reproduced``'s search.r) and ``r<second_r>``, both
+    pipelines' outputs in the DVC cache, the DVC experiment on the first commit, and every MLflow run
+    in ``dest/mlflow.db``.
     """
-    project = make_project(dest, merge(TINY, {"search": {"r": first_r}}))
-    run(project, "dvc", "repro")
-    for r, cmd in ((first_r, None), (second_r, ("dvc", "exp", "run", "-S", f"search.r={second_r}"))):
-        if cmd:
-            run(project, *cmd)
-        run(project, "git", "add", "-A")
-        run(project, "git", "commit", "-qm", f"search.r={r}")
-        run(project, "git", "tag", f"r{r}")
+    project = clone_project(reproduced, dest)
+    run(project, "git", "tag", f"r{read_params(project)['search']['r']}")
+    run(project, "dvc", "exp", "run", "-S", f"search.r={second_r}")
+    run(project, "git", "add", "-A")
+    run(project, "git", "commit", "-qm", f"search.r={second_r}")
+    run(project, "git", "tag", f"r{second_r}")
     return project

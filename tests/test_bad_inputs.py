@@ -9,6 +9,8 @@ and checks three things:
 * stderr holds exactly one ``error: <stage>: ...`` line, naming the param or file, and no traceback;
 * nothing was written: every file and directory of the project is as before (the MLflow store
   aside), and any MLflow run the stage opened is FAILED.
+
+The cases' stages run two at a time, ahead of their tests (fixture ``attempts``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import shutil
 import sqlite3
 import subprocess
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -320,16 +323,64 @@ def done_project(compared_project: Path, tmp_path_factory: pytest.TempPathFactor
     return copy_project(compared_project, tmp_path_factory.mktemp("bad-inputs") / "done")
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(case: Case, done_project: Path, tmp_path: Path) -> None:
-    project = copy_project(done_project, tmp_path / "project")
+@dataclass
+class Attempt:
+    """A case's project (a copy of ``done_project``, broken), its state before the stage ran, and the run."""
+
+    project: Path
+    before: dict[str, str]
+    runs_before: dict[str, str]
+    proc: Future[subprocess.CompletedProcess[str]]
+
+
+def prepare(case: Case, done_project: Path, dest: Path) -> tuple[Path, dict[str, str], dict[str, str]]:
+    """A copy of ``done_project`` at ``dest``, broken as ``case`` says; its files and MLflow runs."""
+    project = copy_project(done_project, dest)
     if case.params:
         set_param(project, case.params)
     if case.setup:
         case.setup(project)
-    before, runs_before = snapshot(project), mlflow_runs(project)
+    return project, snapshot(project), mlflow_runs(project)
+
+
+def run_case(case: Case, project: Path) -> subprocess.CompletedProcess[str]:
     with case.around(project) if case.around else contextlib.nullcontext():
-        proc = run_stage(project, case.stage, preexec_fn=case.preexec, **case.env)
+        return run_stage(project, case.stage, preexec_fn=case.preexec, **case.env)
+
+
+@pytest.fixture(scope="module")
+def attempts(request: pytest.FixtureRequest, done_project: Path, tmp_path_factory: pytest.TempPathFactory):
+    """``case id -> Attempt`` of the cases this session tests, their stages run two at a time in threads
+    ahead of the tests: a stage that fails early spends its seconds importing, on one core. Each
+    project is broken here, in this thread (setups build models: not thread-safe); cases with a
+    ``preexec`` or an ``around`` run in their own test (``preexec_fn`` is unsafe beside threads)."""
+    ids = {item.callspec.id for item in request.session.items
+           if getattr(item, "originalname", "") == "test_bad_input_is_one_line_exit_2_and_writes_nothing"}
+    found: dict[str, Attempt] = {}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        try:
+            for case in CASES:
+                if case.id in ids and case.preexec is None and case.around is None:
+                    try:
+                        project, before, runs_before = prepare(case, done_project, tmp_path_factory.mktemp(case.id) / "project")
+                    except Exception:  # noqa: BLE001 - the case's own test prepares it again and reports it
+                        continue
+                    found[case.id] = Attempt(project, before, runs_before, pool.submit(run_case, case, project))
+            yield found
+        finally:
+            for ahead in found.values():
+                ahead.proc.cancel()
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case: Case, attempts: dict[str, Attempt],
+                                                         done_project: Path, tmp_path: Path) -> None:
+    if case.id in attempts:
+        ahead = attempts[case.id]
+        project, before, runs_before, proc = ahead.project, ahead.before, ahead.runs_before, ahead.proc.result()
+    else:
+        project, before, runs_before = prepare(case, done_project, tmp_path / "project")
+        proc = run_case(case, project)
     detail = f"{case.id}:\n{proc.stderr[-3000:]}"
     assert proc.returncode == 2, detail
     assert "Traceback" not in proc.stderr, detail

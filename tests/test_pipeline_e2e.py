@@ -16,22 +16,15 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from stages import spec as specs
-from tests.project import ROOT, make_project, read_params, run, set_params
+from tests.project import ROOT, clone_project, read_params, run, set_params
 
 pytestmark = pytest.mark.slow
-TRACER = ROOT / "tests" / "import_trace"
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    """The tiny project after `dvc repro`, committed; each stage process records the modules it imported."""
-    proj = make_project(tmp_path_factory.mktemp("e2e") / "proj")
-    trace = proj.parent / "imports"
-    trace.mkdir()
-    run(proj, "dvc", "repro", PYTHONPATH=str(TRACER), IMPORT_TRACE_DIR=str(trace))
-    run(proj, "git", "add", "-A")
-    run(proj, "git", "commit", "-qm", "repro")  # dvc.lock, as a user would commit it
-    return proj
+def project(reproduced_project: Path, tmp_path_factory) -> Path:
+    """This module's own clone of the session's tiny project after `dvc repro`, committed (conftest.py)."""
+    return clone_project(reproduced_project, tmp_path_factory.mktemp("e2e") / "proj")
 
 
 @pytest.fixture(scope="module")
@@ -133,10 +126,10 @@ def test_skip_quantile_change_reruns_only_skip_and_benchmark(project):
     assert "up to date" in run(project, "dvc", "status").stdout
 
 
-def test_each_stage_imports_only_code_it_depends_on(project, stages):
+def test_each_stage_imports_only_code_it_depends_on(reproduced_project, stages):
     """(a) The project modules each stage process imported under `dvc repro` lie under its dvc.yaml deps."""
     traced = {json.loads(p.read_text())["stage"]: json.loads(p.read_text())["modules"]
-              for p in (project.parent / "imports").glob("*.json")}
+              for p in (reproduced_project.parent / "imports").glob("*.json")}
     assert sorted(traced) == sorted(stages)
     for name, modules in traced.items():
         assert f"stages/{name.split('@')[0]}.py" in modules and "pipeline/runtime.py" in modules, name
@@ -161,10 +154,11 @@ def _cached_files(project: Path, stages) -> list[Path]:
     return [f for f in files if f.name != ".gitignore"]
 
 
-def test_nothing_cached_holds_run_ids_hosts_dates_or_paths(project, stages):
+def test_nothing_cached_holds_run_ids_hosts_dates_or_paths(project, reproduced_project, stages):
     run_ids = {r.info.run_id for r in _runs(project)}
     assert len(run_ids) >= len(stages)
-    text_markers = [socket.gethostname(), time.strftime("%Y-%m-%d"), str(project)]
+    # the folder the stages ran in, and this clone of it
+    text_markers = [socket.gethostname(), time.strftime("%Y-%m-%d"), str(reproduced_project), str(project)]
     offenders = []
     for path in _cached_files(project, stages):
         data = path.read_bytes()
@@ -226,24 +220,31 @@ def test_what_reruns_when(project):
     assert "up to date" in run(project, "dvc", "status").stdout
 
 
-def test_forced_rerun_of_any_stage_leaves_everything_up_to_date(project, stages):
-    """`dvc repro -f -s <stage>` with unchanged inputs writes the same bytes: no stage goes stale.
-    (Last in this file: it adds MLflow runs.)"""
-    lock = (project / "dvc.lock").read_text()
-    not_exact = {}
-    for name in stages:
-        run(project, "dvc", "repro", "-f", "-s", name)
-        status = json.loads(run(project, "dvc", "status", "--json").stdout)
-        if status:
-            not_exact[name] = status
-    assert not_exact == {}
-    assert _cached_hashes((project / "dvc.lock").read_text(), stages) == _cached_hashes(lock, stages)
+def test_forced_rerun_of_any_stage_leaves_everything_up_to_date(reproduced_project, forced_project, stages):
+    """Every stage rerun with unchanged inputs (`dvc repro -f`, in a clone of the project: another
+    folder) writes the same bytes: its dvc.lock entry (the hashes of its deps and of its cached outs)
+    is unchanged, so `dvc repro -f -s <stage>` of any one leaves every stage up to date. One
+    `dvc repro -f` runs each stage once, as `-f -s` would, without a DVC start-up per stage; it ran
+    beside the other tests (conftest.py)."""
+    out = (forced_project.parent / "repro.log").read_text()
+    assert sorted(_ran(out)) == sorted(stages), out
+    before = _lock_hashes((reproduced_project / "dvc.lock").read_text(), stages)
+    after = _lock_hashes((forced_project / "dvc.lock").read_text(), stages)
+    not_exact = {name: sorted(path for path in before[name] if after[name].get(path) != before[name][path])
+                 for name in stages}
+    assert {name: paths for name, paths in not_exact.items() if paths} == {}
+    assert after == before
+    assert json.loads(run(forced_project, "dvc", "status", "--json").stdout) == {}
 
 
-def _cached_hashes(lock_text: str, stages) -> dict[tuple[str, str], str]:
+def _lock_hashes(lock_text: str, stages) -> dict[str, dict[str, str]]:
+    """``stage -> {path: md5}`` of each stage's deps and cached outs in dvc.lock."""
     lock = yaml.safe_load(lock_text)["stages"]
-    return {(name, out["path"]): out["md5"] for name, st in stages.items()
-            for out in lock[name].get("outs", []) if out["path"] in st.cached_outs}
+    hashes = {}
+    for name, st in stages.items():
+        entries = lock[name].get("deps", []) + [o for o in lock[name].get("outs", []) if o["path"] in st.cached_outs]
+        hashes[name] = {entry["path"]: entry["md5"] for entry in entries}
+    return hashes
 
 
 def _ran(log: str) -> list[str]:

@@ -1,6 +1,8 @@
 """Crash safety and determinism of the whole chain, with real processes and a real ``kill -9``.
 
-Two copies of the project run the same params. One runs ``dvc repro export`` straight through. The
+Two copies of the project run the same params from the same corpus, model and calibration set (the
+session's reproduced tiny project with a larger calibration set; the model stage's determinism is
+tests/test_pipeline_e2e.py's). One runs ``dvc repro export`` straight through, at the same time as the
 other is killed (SIGKILL to ``dvc repro`` and the stage it runs) once the activations stage has
 written its first layer, then again once the search has finished its first layer, and each time
 ``dvc repro export`` is started again. The killed runs must resume where they stopped, and every
@@ -25,17 +27,16 @@ import pytest
 from safetensors.torch import load_file
 
 from pipeline.io import sha256_file
-from tests.project import TINY, env, make_project, merge, run
+from tests.project import clone_project, env, merge, read_params, run, set_params
 
 pytestmark = pytest.mark.slow
 
 #: Enough calibration tokens that caching and searching a layer take a noticeable fraction of a second.
-SLOW_ENOUGH = merge(TINY, {
-    "model": {"embedded": {"num_layers": 4}},
+SLOW_ENOUGH = {
     "calibration": {"sets": {"general": {"num_samples": 256, "seq_len": 128}}},
     "activations": {"batch_size": 2},
     "search": {"r": 4, "token_chunk": 512},
-})
+}
 WORK = Path("outputs/.work")
 
 
@@ -88,23 +89,37 @@ def outputs_of(project: Path) -> dict[str, object]:
     }
 
 
-def test_kill_9_in_activations_and_search_resumes_to_identical_outputs(tmp_path: Path) -> None:
-    clean = make_project(tmp_path / "clean", SLOW_ENOUGH)
-    run(clean, "dvc", "repro", "export")
+def test_kill_9_in_activations_and_search_resumes_to_identical_outputs(reproduced_project: Path, tmp_path: Path) -> None:
+    clean = clone_project(reproduced_project, tmp_path / "clean")
+    set_params(clean, merge(read_params(clean), SLOW_ENOUGH))
+    run(clean, "git", "commit", "-qam", "slow enough")
+    run(clean, "dvc", "repro", "calibration@general")
+    assert read_params(clean)["model"]["embedded"]["num_layers"] >= 2  # a layer to kill in after the first
+    crashed = clone_project(clean, tmp_path / "crashed")
 
-    crashed = make_project(tmp_path / "crashed", SLOW_ENOUGH)
-    first = repro_killed_when(crashed, activation_shards_done)
-    assert "Running stage 'activations'" in first
-    assert not (crashed / "outputs/activations/manifest.json").exists()  # no half-made output
+    log = tmp_path / "clean.log"
+    with open(log, "w") as out:  # the uninterrupted run, side by side with the killed ones
+        straight = subprocess.Popen(["dvc", "repro", "export"], cwd=clean, env=env(clean), stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        first = repro_killed_when(crashed, activation_shards_done)
+        assert "Running stage 'activations'" in first
+        assert not (crashed / "outputs/activations/manifest.json").exists()  # no half-made output
 
-    second = repro_killed_when(crashed, search_layers_done)  # resumes the activations, dies in the search
-    assert re.search(r"layer 0: .*shard reused", second), second[-3000:]  # the shard done before the kill
-    assert not (crashed / "outputs/search/selection.json").exists()
+        second = repro_killed_when(crashed, search_layers_done)  # resumes the activations, dies in the search
+        assert re.search(r"layer 0: .*shard reused", second), second[-3000:]  # the shard done before the kill
+        assert not (crashed / "outputs/search/selection.json").exists()
 
-    done = run(crashed, "dvc", "repro", "export")
-    third = done.stdout + done.stderr
-    assert "already done (resumed" in third, third[-3000:]
-    assert "Running stage 'search'" in third and "Running stage 'activations'" not in third
+        done = run(crashed, "dvc", "repro", "export")
+        third = done.stdout + done.stderr
+        assert "already done (resumed" in third, third[-3000:]
+        assert "Running stage 'search'" in third and "Running stage 'activations'" not in third
+
+        assert straight.wait(timeout=900) == 0, log.read_text()[-3000:]
+    finally:
+        if straight.poll() is None:
+            os.killpg(straight.pid, signal.SIGKILL)
+            straight.wait(timeout=60)
 
     assert outputs_of(crashed) == outputs_of(clean)
     assert not list((crashed / WORK).rglob("*.safetensors")), "resumable state left after success"
