@@ -341,6 +341,13 @@ def test_metrics_schema():
     assert v["original_skip"]["speedup_verdict"] == "within noise" and low <= 1.0 <= high
     assert v["pruned_skip"]["tokens_per_s"] is None and v["pruned_skip"]["speedup"] is None  # non-finite -> null
     assert v["pruned_skip"]["tokens_per_s_spread"] is None
+    # a skip variant against its own no-skip variant, round by round
+    skip = v["original_skip"]["skip_speedup"]
+    assert skip["over"] == "original" and skip["ratio"] == v["original_skip"]["speedup"]
+    assert skip["verdict"] == "within noise" and skip["interval"] == v["original_skip"]["speedup_interval"]
+    assert v["pruned_skip"]["skip_speedup"] is None and v["pruned"]["skip_speedup"] is None
+    assert flat_metrics(v["original_skip"])["skip_speedup_ci_low"] == skip["interval"]["low"]
+    assert verdict_tags(v["original_skip"])["verdict/skip_speedup"] == "within noise"
     # accuracy and perplexity with their intervals
     assert o["average_accuracy"] == 0.5
     low, high = stats.accuracy_interval([1.0] * 10 + [0.0] * 10)

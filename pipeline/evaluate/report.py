@@ -38,6 +38,7 @@ VARIANT_KEYS = (
     "speedup",
     "speedup_interval",
     "speedup_verdict",
+    "skip_speedup",
     "vs_original",
     "peak_rss_bytes",
     "peak_cuda_bytes",
@@ -213,6 +214,26 @@ def _speed(base: VariantResult | None, r: VariantResult) -> dict[str, Any]:
     return out
 
 
+#: Suffix of a dynamic-skipping variant; the same name without it is the variant it skips from.
+SKIP_SUFFIX = "_skip"
+
+
+def _skip_speedup(by_name: Mapping[str, VariantResult], r: VariantResult) -> dict[str, Any] | None:
+    """A ``*_skip`` variant's tokens/s over its no-skip counterpart's (same rounds), with interval and verdict."""
+    if not r.name.endswith(SKIP_SUFFIX):
+        return None
+    plain = by_name.get(r.name[: -len(SKIP_SUFFIX)])
+    if plain is None:
+        return None
+    base_runs, runs = _runs(plain), _runs(r)
+    if not base_runs or len(base_runs) != len(runs):
+        return None
+    s = stats.speedup(base_runs, runs)
+    if s is None:
+        return None
+    return {"over": plain.name, "ratio": s.ratio, "interval": interval_json(s.interval), "verdict": s.verdict}
+
+
 def build_metrics(results: Sequence[VariantResult], baseline: str = BASELINE) -> dict[str, Any]:
     """The metrics.json document: ``{"baseline", "statistics", "variants": {name: {...}}}``.
 
@@ -238,6 +259,7 @@ def build_metrics(results: Sequence[VariantResult], baseline: str = BASELINE) ->
                 "weight_bytes": int(r.weight_bytes),
                 "tokens_per_s": r.tokens_per_s,
                 **_speed(base, r),
+                "skip_speedup": _skip_speedup(by_name, r),
                 "vs_original": _vs_baseline(base, r) if base is not None and base is not r else None,
                 "peak_rss_bytes": r.peak_rss_bytes,
                 "peak_cuda_bytes": r.peak_cuda_bytes,
@@ -279,6 +301,11 @@ def check_metrics(doc: Mapping[str, Any]) -> None:
         _check_interval(f"{name}/average_accuracy_interval", entry["average_accuracy_interval"])
         _check_interval(f"{name}/speedup_interval", entry["speedup_interval"])
         verdicts = (None, stats.FASTER, stats.SLOWER, stats.WITHIN_NOISE)
+        skip = entry["skip_speedup"]
+        if skip is not None:
+            _check_interval(f"{name}/skip_speedup/interval", skip.get("interval"))
+            if skip.get("verdict") not in verdicts:
+                raise PipelineError(f"benchmark metrics: {name}: skip_speedup verdict {skip.get('verdict')!r} is not one of {sorted(v for v in verdicts if v)}")
         if entry["speedup_verdict"] not in verdicts:
             raise PipelineError(f"benchmark metrics: {name}: speedup_verdict {entry['speedup_verdict']!r} is not one of "
                                 f"{', '.join(map(str, verdicts[1:]))}")
@@ -300,6 +327,7 @@ def _comparisons(entry: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]
 def flat_metrics(entry: Mapping[str, Any]) -> dict[str, float]:
     """One variant's numeric results as flat scalars, e.g. for MLflow: ``<task>/<metric>``,
     ``<task>/<metric>_ci_low|_ci_high``, ``average_accuracy_ci_low``, ``speedup_ci_low``,
+    ``skip_speedup`` (a skip variant over its no-skip one) with its ``_ci_low|_ci_high``,
     ``tokens_per_s_min|max|q1|q3`` and ``vs_original/<task>/<metric>/difference|ci_low|ci_high|p_value``."""
     flat: dict[str, Any] = {k: v for k, v in entry.items() if isinstance(v, int | float) and not isinstance(v, bool)}
     flat.update({f"{task}/{m}": v for task, ms in entry["tasks"].items() for m, v in ms.items()})
@@ -313,6 +341,10 @@ def flat_metrics(entry: Mapping[str, Any]) -> dict[str, float]:
             bounds(f"{task}/{m}", interval)
     bounds("average_accuracy", entry.get("average_accuracy_interval"))
     bounds("speedup", entry.get("speedup_interval"))
+    skip = entry.get("skip_speedup")
+    if skip:
+        flat["skip_speedup"] = skip["ratio"]
+        bounds("skip_speedup", skip["interval"])
     for key, value in (entry.get("tokens_per_s_spread") or {}).items():
         if key in ("min", "max", "q1", "q3"):
             flat[f"tokens_per_s_{key}"] = value
@@ -331,6 +363,8 @@ def verdict_tags(entry: Mapping[str, Any]) -> dict[str, str]:
     tags = {f"verdict/{where}": c["verdict"] for where, c in _comparisons(entry)}
     if entry.get("speedup_verdict"):
         tags["verdict/speedup"] = entry["speedup_verdict"]
+    if entry.get("skip_speedup"):
+        tags["verdict/skip_speedup"] = entry["skip_speedup"]["verdict"]
     return tags
 
 
@@ -391,6 +425,14 @@ def speedup_cell(entry: Mapping[str, Any], reference: bool = False) -> str:
     if word in (None, stats.WITHIN_NOISE) and interval is not None and not interval["low"] <= 1.0 <= interval["high"]:
         text += ", too few rounds"
     return f"{word or stats.WITHIN_NOISE} ({text})"
+
+
+def skip_speedup_cell(entry: Mapping[str, Any]) -> str:
+    """A skip variant's tokens/s over its no-skip counterpart's, worded like :func:`speedup_cell`."""
+    skip = entry.get("skip_speedup")
+    if not skip:
+        return "-"
+    return speedup_cell({"speedup": skip["ratio"], "speedup_interval": skip["interval"], "speedup_verdict": skip["verdict"]})
 
 
 def _difference_rows(name: str, entry: Mapping[str, Any], acc_tasks: Sequence[str]) -> list[list[str]]:
@@ -491,6 +533,7 @@ def render_report(
         "IQR",
         "Rounds",
         "Speed-up [95%]",
+        "Skip vs no-skip [95%]",
         "Expert evals / token / layer",
         "Skipped",
         "Weights (MB)",
@@ -508,6 +551,7 @@ def render_report(
                 f"{sp['q1']:.1f}-{sp['q3']:.1f}" if sp else "-",
                 _fmt(sp.get("rounds"), "d"),
                 speedup_cell(e, reference=name == baseline),
+                skip_speedup_cell(e),
                 _fmt(e["expert_evals_per_token"], ".3f"),
                 _fmt(e["skipped_fraction"], ".1f", 100, "%"),
                 _fmt(e["weight_bytes"], ".1f", 1e-6),
