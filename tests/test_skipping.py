@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
@@ -262,3 +263,120 @@ def test_skip_checkpoint_loads_with_plain_transformers_and_skips(tmp_path: Path)
         loaded(input_ids=ids)
     assert abs(handle.stats()["second_expert_skipped_fraction"] - 0.5) <= 0.05
     assert handle.stats()["evals_per_token"] < 1.6
+
+
+# -- the run-time paths against a reference ---------------------------------------------------------
+def reference_skip(weights: torch.Tensor, indices: torch.Tensor, beta: float, sentinel: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rule token by token, straight from its definition, in float32 (the reference for every fast path)."""
+    tiny = torch.finfo(torch.float32).tiny
+    k = weights.shape[-1]
+    new_w, new_idx = weights.clone(), indices.clone()
+    for t in range(weights.shape[0]):
+        w = weights[t].float()
+        order = sorted(range(k), key=lambda j: -float(w[j]))  # descending; the first slot first on ties
+        s = w[order]
+        head = [s[0]]  # head(i), summed from the largest weight; tail(i) from the smallest
+        tail = [s[k - 1]]
+        for j in range(1, k - 1):
+            head.append(head[-1] + s[j])
+            tail.insert(0, tail[0] + s[k - 1 - j])
+        kept = next((i for i in range(1, k) if bool(tail[i - 1] / head[i - 1].clamp_min(tiny) < beta)), k)
+        if kept == k:
+            continue
+        scale = w.sum() / s[:kept].sum().clamp_min(tiny)
+        for rank, j in enumerate(order):
+            new_w[t, j] = (w[j] * scale).to(weights.dtype) if rank < kept else 0
+            if rank >= kept:
+                new_idx[t, j] = sentinel
+    return new_w, new_idx
+
+
+def awkward_routing(t: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random unsorted routing with tied, all-zero and one-hot rows."""
+    w, idx = random_routing(t, k, seed=seed)
+    w[0] = 0.0
+    w[1] = 1.0 / k
+    w[2, 1:] = 0.0
+    w[3, 1] = w[3, 0]
+    return w, idx
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_every_path_matches_the_reference(k: int) -> None:
+    w, idx = awkward_routing(120, k, seed=20 + k)
+    rho = skipping.calibration_statistic(w[4:])
+    edge = float(rho[0])  # token 4's float32 ratio: not below itself, below the next float32 up
+    above = float(np.nextafter(np.float32(edge), np.float32(math.inf)))
+    betas = [1e-9, 0.2, float(rho.median()), 0.9, 1.0, 1.5, math.inf, 1e300]
+    if k == 2:  # for k > 2, a ratio at the threshold itself depends on the order the weights are summed in
+        betas += [edge, above]
+    for beta in betas:
+        ref_w, ref_idx = reference_skip(w, idx, beta, N_EXPERTS)
+        for name, (new_w, new_idx) in {
+            "skip_routing": skipping.skip_routing(w, idx, beta, N_EXPERTS),
+            "one token at a time": [torch.cat(x) for x in zip(*(skipping.skipper(beta, N_EXPERTS)(w[t : t + 1], idx[t : t + 1]) for t in range(len(w))), strict=True)],
+            "strided input": skipping.skip_routing(w.t().contiguous().t(), idx.t().contiguous().t(), beta, N_EXPERTS),
+            "sorted rule": skipping._skip_sorted(w, idx, beta, N_EXPERTS),
+            **({"torch top-2": skipping._skip_top2(w, idx, beta, N_EXPERTS)} if k == 2 else {}),
+        }.items():
+            assert torch.equal(new_idx, ref_idx), (name, beta)
+            if k == 2:
+                assert torch.equal(new_w, ref_w), (name, beta)  # the same float32 operations: the same bits
+            else:  # sums of three or more weights may be added in another order
+                torch.testing.assert_close(new_w, ref_w, rtol=1e-6, atol=0.0)
+    if k == 2:
+        assert not bool((skipping.skip_routing(w, idx, edge, N_EXPERTS)[1][4] == N_EXPERTS).any())
+        assert bool((skipping.skip_routing(w, idx, above, N_EXPERTS)[1][4] == N_EXPERTS).any())
+
+
+@pytest.mark.parametrize(
+    ("model_type", "top_k"),
+    [("mixtral", 2), ("qwen3_moe", 2), ("deepseek_v3", 2), ("phimoe", 2), ("gpt_oss", 2), ("mixtral", 3)],
+)
+@torch.no_grad()
+def test_model_outputs_match_the_reference_rule(model_type: str, top_k: int) -> None:
+    """Logits and dispatched slots with :func:`skipping.enable` equal those of the reference rule in the router hook."""
+    model = tiny_model(model_type, top_k=top_k)
+    adapter = get_adapter(model.config)
+    ids = calibration_ids(2, 16, seed=3)
+    thresholds = skipping.calibrate_thresholds(model, adapter, calibration_ids(), quantile=0.5, batch_size=4, progress=False)
+    blocks = {i: adapter.moe_block(adapter.decoder_layers(model)[i]) for i in adapter.moe_layer_indices(model)}
+
+    def run(inputs: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        seen: list[torch.Tensor] = []
+        hooks = [
+            getattr(b, adapter.experts_attr).register_forward_pre_hook(
+                lambda _m, args, kwargs: seen.append(skipping._routing_args(args, kwargs)[1].clone()), with_kwargs=True
+            )
+            for b in blocks.values()
+        ]
+        try:
+            return model(input_ids=inputs).logits, seen
+        finally:
+            for h in hooks:
+                h.remove()
+
+    own = model.config._experts_implementation
+    model.set_experts_implementation("eager")
+    plain = model(input_ids=ids).logits
+    model.set_experts_implementation(own)
+    for inputs in (ids, ids[:1, :1]):  # a batch, and one decoding-sized token
+        with skipping.enable(model, thresholds, count=False):
+            fast, fast_slots = run(inputs)
+        assert model.config._experts_implementation == own
+        model.set_experts_implementation("eager")
+        handles = [
+            adapter.add_router_transform(b, lambda w, i, beta=thresholds[layer], n=adapter.block_num_experts(b): reference_skip(w, i, beta, n))
+            for layer, b in blocks.items()
+        ]
+        try:
+            ref, ref_slots = run(inputs)
+        finally:
+            for h in handles:
+                h.remove()
+            model.set_experts_implementation(own)
+        assert torch.equal(fast, ref)
+        assert len(fast_slots) == len(ref_slots) == len(blocks)
+        assert all(torch.equal(a, b) for a, b in zip(fast_slots, ref_slots, strict=True))
+        if inputs is ids:
+            assert not torch.equal(fast, plain)  # the thresholds skip some experts
