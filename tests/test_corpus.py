@@ -22,6 +22,7 @@ from pipeline.corpus import (
 )
 from pipeline.config import CorpusEvalParams, CorpusParams
 from pipeline.errors import PipelineError
+from pipeline.evaluate.tasks import embedded_tasks
 from stages.spec import spec
 from tests.project import run_stage, stage_dir_project
 
@@ -196,7 +197,7 @@ def _project(tmp_path: Path, **corpus_overrides) -> Path:
     return stage_dir_project(tmp_path / "project", {"corpus": corpus_overrides, "tracking": {"enabled": False}})
 
 
-def test_corpus_stage_writes_the_declared_outputs(tmp_path):
+def test_corpus_stage_writes_the_declared_outputs(tmp_path, monkeypatch):
     project = _project(
         tmp_path,
         domains=["prose", "arith"],
@@ -226,6 +227,15 @@ def test_corpus_stage_writes_the_declared_outputs(tmp_path):
         assert len(lines) == manifest["eval"][domain]["mc_items"] == EVAL.mc_items_per_domain
         assert set(json.loads(lines[0])) == {"id", "context", "choices", "label"}
         assert (out / "eval" / f"{domain}_ppl.jsonl").is_file()
+    # eval/ is an lm-eval include path whose YAMLs name their data relative to the project root
+    monkeypatch.chdir(project)
+    tasks = embedded_tasks(Path("outputs/corpus/eval"))
+    assert [(t.name, t.data_file.as_posix()) for t in tasks] == [
+        (f"embedded_{domain}_{kind}", f"outputs/corpus/eval/{domain}_{kind}.jsonl")
+        for domain in ("arith", "prose")
+        for kind in ("mc", "ppl")
+    ]
+    assert len(list((out / "eval").glob("*.yaml"))) == len(tasks)
 
 
 def test_corpus_stage_error_is_one_line(tmp_path):

@@ -50,6 +50,7 @@ from pipeline.evaluate.tasks import (
     ppl_task_name,
     select_tasks,
 )
+from pipeline.task_files import write_task_files
 from pipeline.io import dumps_json
 from pipeline.models import get_adapter
 from tests.factory import save_tiny_checkpoint, tiny_model, tiny_tokenizer
@@ -76,6 +77,7 @@ def write_eval_data(directory: Path, domains=("prose", "code"), mc_items=6, ppl_
         with open(directory / f"{domain}_ppl.jsonl", "w", encoding="utf-8") as fh:
             for i in range(ppl_docs):
                 fh.write(json.dumps({"id": f"{domain}-ppl-{i}", "text": _text(rng, 30)}) + "\n")
+    write_task_files(directory, domains, directory.resolve())  # absolute: tests run from the repository root
     return directory
 
 
@@ -131,7 +133,7 @@ def test_embedded_tasks_run_offline_through_lm_eval(lm_results):
         ppl = metrics[ppl_task_name(domain)]
         assert ppl["word_perplexity"] > 1.0
         assert ppl["byte_perplexity"] == pytest.approx(2.0 ** ppl["bits_per_byte"], rel=1e-6)
-    # lm-eval's own record of the task configs points at our absolute data files
+    # lm-eval ran our task files as written: the data path as the writer was given it
     cfg = raw["configs"][mc_task_name("code")]
     assert cfg["dataset_path"] == "json"
     assert cfg["dataset_kwargs"]["data_files"]["test"] == str((lm_results["eval_dir"] / "code_mc.jsonl").resolve())
@@ -210,6 +212,38 @@ def test_missing_data_is_one_clear_error(tmp_path):
     assert "code_ppl.jsonl" in msg and "\n" not in msg and "corpus" in msg
     with pytest.raises(PipelineError, match="no embedded benchmark data"):
         embedded_tasks(tmp_path / "empty")
+
+
+def test_task_files_are_the_include_path_and_name_their_data_as_given(tmp_path, monkeypatch):
+    """The corpus stage's YAMLs run in place; a relative data path resolves from the current directory."""
+    eval_dir = write_eval_data(tmp_path / "outputs" / "corpus" / "eval", domains=("prose",))
+    first = {p.name: p.read_bytes() for p in eval_dir.glob("*.yaml")}
+    write_task_files(eval_dir, ["prose"], Path("outputs/corpus/eval"))
+    assert sorted(first) == ["embedded_prose_mc.yaml", "embedded_prose_ppl.yaml"]
+    assert b"outputs/corpus/eval/prose_mc.jsonl" in (eval_dir / "embedded_prose_mc.yaml").read_bytes()
+    again = {p.name: p.read_bytes() for p in write_task_files(tmp_path / "again", ["prose"], Path("outputs/corpus/eval"))}
+    assert again == {p.name: p.read_bytes() for p in eval_dir.glob("*.yaml")}  # same arguments, same bytes
+    assert again != first
+    monkeypatch.chdir(tmp_path)  # the repository root of this layout
+    tasks = embedded_tasks(Path("outputs/corpus/eval"))
+    assert [(t.name, t.data_file.as_posix()) for t in tasks] == [
+        (mc_task_name("prose"), "outputs/corpus/eval/prose_mc.jsonl"),
+        (ppl_task_name("prose"), "outputs/corpus/eval/prose_ppl.jsonl"),
+    ]
+    monkeypatch.chdir(eval_dir)  # elsewhere, lm-eval would not find the data: one line saying so
+    with pytest.raises(PipelineError, match=r"embedded_prose_mc.yaml: reads outputs/corpus/eval/prose_mc.jsonl, "
+                       r"which from .* is not .*: run from the repository root\)$") as err:
+        embedded_tasks(eval_dir)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_task_file_is_one_clear_error(tmp_path):
+    eval_dir = write_eval_data(tmp_path / "eval")
+    (eval_dir / "embedded_code_ppl.yaml").unlink()
+    with pytest.raises(PipelineError, match=r"embedded_code_ppl.yaml: lm-eval task file is missing \(run the corpus "
+                       r"stage: dvc repro corpus\)$"):
+        with select_tasks(["embedded"], eval_dir):
+            pass
 
 
 def test_malformed_data_names_file_and_line(tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -98,6 +99,33 @@ def test_exported_checkpoint_loads_with_plain_transformers(project):
     assert model.config.kept_experts == {str(layer["layer"]): layer["kept"] for layer in selection["layers"]}
     skip = AutoModelForCausalLM.from_pretrained(project / "outputs" / "skip" / "model")
     assert set(skip.config.expert_skip_thresholds) == set(model.config.kept_experts)
+
+
+#: What the lm-eval CLI must reproduce per kind of embedded task.
+CLI_METRICS = {"mc": ("acc,none", "acc_norm,none"), "ppl": ("bits_per_byte,none", "word_perplexity,none")}
+
+
+def test_lm_eval_cli_on_the_exported_checkpoint_gets_the_benchmarks_results(project):
+    """The README's `lm_eval` command (corpus stage's task files, exported checkpoint) reproduces the `pruned` row."""
+    bench = read_params(project)["benchmark"]
+    ran = json.loads((project / "outputs" / "benchmark" / "results" / "pruned.json").read_text())
+    setup = json.loads((project / "outputs" / "benchmark" / "results" / "speed.json").read_text())["settings"]
+    out = project.parent / "lm_eval_cli"
+    run(project, sys.executable, "-m", "lm_eval", "--model", "hf",
+        "--model_args", f"pretrained=outputs/export/model,dtype={setup['dtype']},"
+        f"experts_implementation={setup['experts_implementation']}",
+        "--include_path", "outputs/corpus/eval", "--tasks", "embedded", "--device", setup["device"],
+        "--limit", str(bench["limit"]), "--batch_size", str(bench["batch_size"]), "--output_path", str(out))
+    (result_file,) = out.rglob("results_*.json")
+    cli = json.loads(result_file.read_text())
+    domains = read_params(project)["corpus"]["domains"]
+    tasks = sorted(f"embedded_{d}_{kind}" for d in domains for kind in ("mc", "ppl"))
+    assert sorted(t for t in ran["results"] if t.startswith("embedded_")) == tasks
+    for task in tasks:
+        assert cli["n-samples"][task] == ran["n-samples"][task], task
+        assert cli["configs"][task]["dataset_kwargs"] == ran["configs"][task]["dataset_kwargs"], task
+        for metric in CLI_METRICS[task.rsplit("_", 1)[1]]:
+            assert cli["results"][task][metric] == pytest.approx(ran["results"][task][metric], rel=1e-9), (task, metric)
 
 
 def test_second_repro_is_a_fast_noop(project):

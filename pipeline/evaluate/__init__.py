@@ -1,6 +1,6 @@
 """Benchmarking of model variants: lm-eval accuracy and perplexity, decoding speed, memory, report.
 
-- :mod:`~pipeline.evaluate.tasks`: the ``embedded`` lm-eval tasks over the corpus stage's eval data,
+- :mod:`~pipeline.evaluate.tasks`: the ``embedded`` lm-eval tasks (the corpus stage's task files, checked),
   and validation of lm-eval task names;
 - :mod:`~pipeline.evaluate.lmeval`: ``simple_evaluate`` on an in-memory model (HFLM) or through vllm;
 - :mod:`~pipeline.evaluate.speed`: greedy decoding at batch size 1, variants interleaved;

@@ -1,9 +1,10 @@
-"""lm-eval task selection: our embedded tasks (YAML over the corpus stage's eval data) and lm-eval's own.
+"""lm-eval task selection: our embedded tasks (the corpus stage's task files) and lm-eval's own.
 
 The token ``embedded`` in a task list stands for one multiple-choice task and one rolling
-perplexity task per corpus domain, written as lm-eval YAML files into an include directory that
-points at the absolute paths of ``<eval_dir>/<domain>_mc.jsonl`` and ``<domain>_ppl.jsonl``. Every
-other name is looked up in lm-eval's TaskManager (tasks, groups and tags).
+perplexity task per corpus domain: the YAML files the corpus stage writes next to its eval data
+(:mod:`pipeline.task_files`), used as they are as lm-eval's include path, so the ``lm_eval`` CLI
+with ``--include_path outputs/corpus/eval`` runs what the benchmark runs. Every other name is
+looked up in lm-eval's TaskManager (tasks, groups and tags).
 """
 
 from __future__ import annotations
@@ -12,49 +13,53 @@ import contextlib
 import difflib
 import json
 import logging
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import yaml
 
 from pipeline.errors import PipelineError
+from pipeline.task_files import (
+    EMBEDDED,
+    MC_SUFFIX,
+    PPL_SUFFIX,
+    EmbeddedTask,
+    domain_tasks,
+    mc_task_name,
+    ppl_task_name,
+    task_file,
+)
+
+__all__ = [
+    "EMBEDDED",
+    "MC_SUFFIX",
+    "PAPER",
+    "PAPER_TASKS",
+    "PPL_SUFFIX",
+    "EmbeddedTask",
+    "TaskSelection",
+    "embedded_tasks",
+    "expand_presets",
+    "mc_task_name",
+    "ppl_task_name",
+    "select_tasks",
+]
 
 log = logging.getLogger(__name__)
 
-#: The tag (and the ``benchmark.tasks`` token) naming every embedded task.
-EMBEDDED = "embedded"
 #: The ``benchmark.tasks`` token for the paper's evaluation (Lu et al. 2024, Table 1).
 PAPER = "paper"
 PAPER_TASKS = ("boolq", "rte", "arc_challenge", "arc_easy", "hellaswag", "winogrande", "openbookqa", "mmlu", "gsm8k")
 #: Few-shot counts of the paper's protocol (every other task zero-shot).
 PAPER_FEWSHOT = {"gsm8k": 5}
-MC_SUFFIX = "_mc.jsonl"
-PPL_SUFFIX = "_ppl.jsonl"
 #: Where users find valid lm-eval task names.
 LIST_HINT = "list valid names with `lm-eval ls tasks`; 'embedded' = the corpus stage's tasks, 'paper' = the paper's"
-
-
-@dataclass(frozen=True)
-class EmbeddedTask:
-    """One generated task: its lm-eval name, kind (``mc`` or ``ppl``), domain and data file."""
-
-    name: str
-    kind: str
-    domain: str
-    data_file: Path
-
-
-def mc_task_name(domain: str) -> str:
-    """lm-eval name of a domain's multiple-choice task."""
-    return f"{EMBEDDED}_{domain}_mc"
-
-
-def ppl_task_name(domain: str) -> str:
-    """lm-eval name of a domain's rolling-perplexity task."""
-    return f"{EMBEDDED}_{domain}_ppl"
+_REQUIRED = {
+    "mc": {"id": str, "context": str, "choices": list, "label": int},
+    "ppl": {"id": str, "text": str},
+}
 
 
 def discover_domains(eval_dir: Path) -> list[str]:
@@ -89,10 +94,31 @@ def _check_records(path: Path, required: dict[str, type | tuple[type, ...]]) -> 
     return count
 
 
-def embedded_tasks(eval_dir: str | Path, domains: Sequence[str] | None = None) -> list[EmbeddedTask]:
-    """The embedded tasks over ``eval_dir``, after checking every data file exists and is well formed.
+def _data_file_of(yaml_file: Path, expected: Path) -> PurePath:
+    """The data file ``yaml_file`` names, checked to be ``expected`` as seen from the current directory."""
+    if not yaml_file.is_file():
+        raise PipelineError(f"{yaml_file}: lm-eval task file is missing (run the corpus stage: dvc repro corpus)")
+    try:
+        config = yaml.safe_load(yaml_file.read_text(encoding="utf-8"))
+        named = PurePath(config["dataset_kwargs"]["data_files"]["test"])
+    except (yaml.YAMLError, TypeError, KeyError) as exc:
+        raise PipelineError(
+            f"{yaml_file}: not an embedded task file ({type(exc).__name__}); rerun the corpus stage: dvc repro corpus"
+        ) from None
+    if Path(named).resolve() != expected:
+        raise PipelineError(
+            f"{yaml_file}: reads {named}, which from {Path.cwd()} is not {expected} "
+            "(lm-eval resolves it against the current directory: run from the repository root)"
+        )
+    return named
 
-    ``domains`` defaults to every domain with a file in ``eval_dir``.
+
+def embedded_tasks(eval_dir: str | Path, domains: Sequence[str] | None = None) -> list[EmbeddedTask]:
+    """The embedded tasks in ``eval_dir``, after checking every data file and task file.
+
+    Each data file must exist and be well formed, and each task YAML must exist and name that
+    file as lm-eval will find it from the current directory. ``domains`` defaults to every domain
+    with a data file in ``eval_dir``.
     """
     eval_dir = Path(eval_dir).resolve()
     domains = list(domains) if domains is not None else discover_domains(eval_dir)
@@ -102,59 +128,12 @@ def embedded_tasks(eval_dir: str | Path, domains: Sequence[str] | None = None) -
         )
     tasks: list[EmbeddedTask] = []
     for domain in domains:
-        mc = eval_dir / f"{domain}{MC_SUFFIX}"
-        ppl = eval_dir / f"{domain}{PPL_SUFFIX}"
-        _check_records(mc, {"id": str, "context": str, "choices": list, "label": int})
-        _check_records(ppl, {"id": str, "text": str})
-        tasks.append(EmbeddedTask(mc_task_name(domain), "mc", domain, mc))
-        tasks.append(EmbeddedTask(ppl_task_name(domain), "ppl", domain, ppl))
+        for task in domain_tasks(domain, eval_dir):
+            data = Path(task.data_file)
+            _check_records(data, _REQUIRED[task.kind])
+            named = _data_file_of(task_file(eval_dir, task.name), data)
+            tasks.append(EmbeddedTask(task.name, task.kind, domain, named))
     return tasks
-
-
-def task_yaml(task: EmbeddedTask) -> dict[str, Any]:
-    """The lm-eval YAML config of one embedded task."""
-    common: dict[str, Any] = {
-        "task": task.name,
-        "tag": [EMBEDDED],
-        "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"test": str(task.data_file)}},
-        "test_split": "test",
-        "metadata": {"version": 1.0, "domain": task.domain},
-    }
-    if task.kind == "mc":
-        return {
-            **common,
-            "output_type": "multiple_choice",
-            "doc_to_text": "context",
-            "doc_to_choice": "choices",
-            "doc_to_target": "label",
-            # contexts are cut mid-text: the true continuation follows without a separator
-            "target_delimiter": "",
-            "metric_list": [
-                {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
-                {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
-            ],
-        }
-    return {
-        **common,
-        "output_type": "loglikelihood_rolling",
-        "doc_to_text": "",
-        "doc_to_target": "text",
-        "metric_list": [
-            {"metric": "word_perplexity", "aggregation": "weighted_perplexity", "higher_is_better": False},
-            {"metric": "byte_perplexity", "aggregation": "weighted_perplexity", "higher_is_better": False},
-            {"metric": "bits_per_byte", "aggregation": "bits_per_byte", "higher_is_better": False},
-        ],
-    }
-
-
-def write_task_dir(tasks: Sequence[EmbeddedTask], directory: str | Path) -> Path:
-    """Write one YAML file per task into ``directory`` (an lm-eval include path)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    for task in tasks:
-        (directory / f"{task.name}.yaml").write_text(yaml.safe_dump(task_yaml(task), sort_keys=False), encoding="utf-8")
-    return directory
 
 
 @dataclass
@@ -211,7 +190,7 @@ def select_tasks(
     domains: Sequence[str] | None = None,
     key: str = "benchmark.tasks",
 ) -> Iterator[TaskSelection]:
-    """Resolve ``names`` into a :class:`TaskSelection` whose include directory lives for the block.
+    """Resolve ``names`` into a :class:`TaskSelection`; ``eval_dir`` is the include path of the embedded tasks.
 
     Raises a one-line PipelineError for an unknown name (with how to list valid ones) or for
     missing or malformed embedded data (naming the file). lm-eval's own task index is only built
@@ -225,27 +204,26 @@ def select_tasks(
         if eval_dir is None:
             raise PipelineError(f"{key}: 'embedded' needs the corpus stage's eval data directory")
         embedded = embedded_tasks(eval_dir, domains)
-    with tempfile.TemporaryDirectory(prefix="lmeval-tasks-") as tmp:
-        include = write_task_dir(embedded, tmp) if embedded else None
-        manager = _task_manager(include, _needs_defaults(names, embedded))
-        known = set(manager.all_tasks)
-        unknown = [n for n in names if n != EMBEDDED and n not in known]
-        if unknown:
-            hints = []
-            for n in unknown:
-                close = difflib.get_close_matches(n, manager.all_tasks, n=3)
-                hints.append(f"{n!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
-            raise PipelineError(f"{key}: unknown lm-eval task {'; '.join(hints)}; {LIST_HINT}")
-        report: list[str] = []
-        for n in names:
-            report.extend(t.name for t in embedded) if n == EMBEDDED else report.append(n)
-        yield TaskSelection(
-            requested=names,
-            report_names=list(dict.fromkeys(report)),
-            embedded=embedded,
-            include_dir=include,
-            manager=manager,
-        )
+    include = Path(eval_dir).resolve() if embedded and eval_dir is not None else None
+    manager = _task_manager(include, _needs_defaults(names, embedded))
+    known = set(manager.all_tasks)
+    unknown = [n for n in names if n != EMBEDDED and n not in known]
+    if unknown:
+        hints = []
+        for n in unknown:
+            close = difflib.get_close_matches(n, manager.all_tasks, n=3)
+            hints.append(f"{n!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+        raise PipelineError(f"{key}: unknown lm-eval task {'; '.join(hints)}; {LIST_HINT}")
+    report: list[str] = []
+    for n in names:
+        report.extend(t.name for t in embedded) if n == EMBEDDED else report.append(n)
+    yield TaskSelection(
+        requested=names,
+        report_names=list(dict.fromkeys(report)),
+        embedded=embedded,
+        include_dir=include,
+        manager=manager,
+    )
 
 
 def _task_manager(include: Path | None, defaults: bool) -> Any:
