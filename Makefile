@@ -20,7 +20,7 @@ UV_VERSION := 0.13.9
 PIP_LINKS   = $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
 UV_LINKS    = $(foreach d,$(PIP_LINKS),--find-links $(d))
 
-.PHONY: setup browser repro test test-fast ui dag clean-outputs
+.PHONY: setup browser repro test test-fast compare ui dag clean-outputs
 
 setup: $(STAMP)
 
@@ -47,6 +47,11 @@ test: setup browser
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"
+
+# The comparison grid of compare.yaml (strategies x r x calibration sets), each point a DVC experiment,
+# paired with this workspace's reproduced default run (make repro first); summary in outputs/compare/.
+compare: setup
+	$(BIN)/python scripts/compare.py
 
 # MLflow UI over the project's store, bound to loopback (HOST=0.0.0.0 to expose it).
 HOST ?= 127.0.0.1
