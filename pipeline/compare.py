@@ -23,7 +23,7 @@ import yaml
 from pipeline.config import flatten, validate
 from pipeline.errors import PipelineError
 from pipeline.evaluate.lmeval import ItemScores
-from pipeline.evaluate.report import BASELINE, VariantResult, build_metrics
+from pipeline.evaluate.report import BASELINE, VariantResult, build_metrics, perplexity_tasks
 from pipeline.search.registry import STRATEGIES
 
 #: The benchmark variant every grid run evaluates (the pruned export).
@@ -165,10 +165,6 @@ def run_record(point: GridPoint, search: Mapping[str, Any], benchmark: Mapping[s
 # --------------------------------------------------------------------------- the summary
 
 
-def _tasks(entry: Mapping[str, Any], suffix: str) -> list[str]:
-    return sorted(t for t in entry["tasks"] if t.endswith(suffix))
-
-
 def _domain(task: str) -> str:
     return task.removeprefix("embedded_").rsplit("_", 1)[0]
 
@@ -208,11 +204,12 @@ def summarise(original: VariantResult, runs: Sequence[Mapping[str, Any]], refere
     """
     if not runs:
         raise PipelineError("compare: no finished grid run to summarise")
-    ppl_tasks = _tasks(runs[0]["benchmark"]["variants"][PRUNED], "_ppl")
+    ppl_tasks = perplexity_tasks(runs[0]["benchmark"])
+    results = {run["name"]: _result(run) for run in runs}   # per-document scores parsed once per run
     rows = []
     for run in runs:
         entry = run["benchmark"]["variants"][PRUNED]
-        vs = _paired(original, _result(run))
+        vs = _paired(original, results[run["name"]])
         row = {k: run[k] for k in ("name", "strategy", "r", "calibration", "search_loss", "layer_loss", "baseline_loss",
                                    "search_seconds", "mlflow_runs")}
         row["shared_with"] = run.get("shared_with")
@@ -242,7 +239,7 @@ def summarise(original: VariantResult, runs: Sequence[Mapping[str, Any]], refere
         ref = by_key.get((best, r, calibration))
         if strategy == best or ref is None:
             continue
-        vs = _paired(_result(ref), _result(run))   # other strategy minus the best one: > 0 bits/byte = best is better
+        vs = _paired(results[ref["name"]], results[run["name"]])   # other strategy minus the best one: > 0 bits/byte = best is better
         versus.append({
             "strategy": strategy, "r": r, "calibration": calibration,
             "search_loss_ratio": run["search_loss"] / ref["search_loss"] if ref["search_loss"] else None,
@@ -255,7 +252,7 @@ def summarise(original: VariantResult, runs: Sequence[Mapping[str, Any]], refere
         general = by_key.get((strategy, r, "general"))
         if strategy != best or calibration == "general" or general is None:
             continue
-        vs = _paired(_result(general), _result(run))   # domain-calibrated minus general: < 0 bits/byte = it helps
+        vs = _paired(results[general["name"]], results[run["name"]])   # domain-calibrated minus general: < 0 bits/byte = it helps
         domain_calibration.append({
             "calibration": calibration, "r": r, "strategy": strategy,
             "bits_per_byte": {_domain(t): vs["tasks"].get(t, {}).get("bits_per_byte") for t in ppl_tasks},

@@ -201,7 +201,7 @@ def summarise(grid: compare.Grid, out: Path, params: dict) -> dict:
     done = [read_json(out / "runs" / f"{p.name}.json") for p in grid.points if (out / "runs" / f"{p.name}.json").exists()]
     summary = compare.summarise(original, done, reference)
     summary["grid"] = {"runs": len(grid.points), "finished": len(done), "overrides": dict(grid.overrides)}
-    write_json(out / "summary.json", {**summary, "rows": summary["rows"]})
+    write_json(out / "summary.json", summary)
     (out / "summary.md").write_text(compare.render_markdown(summary), encoding="utf-8")
     figure = compare.plot(summary, out / "compare.png")
     tracking = params.get("tracking") or {}
