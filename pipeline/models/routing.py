@@ -93,6 +93,7 @@ class SigmoidBiasTopK:
     the ``topk_group`` best groups (group score = sum of its two best); weights are ``s`` of the
     chosen experts, optionally renormalised, times ``scale``."""
 
+    row_bias = True  # the bias may also be one row per token, [T, m]
     top_k: int
     n_group: int
     topk_group: int
@@ -134,6 +135,7 @@ class LogitBiasSigmoidTopK:
     optionally renormalised."""
 
     local = True  # per-expert choice; weights from the chosen logits (see is_local)
+    row_bias = True  # the bias may also be one row per token, [T, m]
     top_k: int
     renormalize: bool
 

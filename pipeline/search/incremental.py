@@ -211,45 +211,68 @@ class LazyScorer:
         return acc.clamp_min_(0).sqrt_().sum(1).cpu()
 
     @torch.no_grad()
-    def children(self, parent: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every set ``parent - {e}`` and its loss: ``(kept [m, m - 1] ascending, losses [m] float64)``.
+    def children(self, parents: Sequence[Sequence[int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """For each parent, every set ``parent - {e}`` and its loss: ``(kept [m, m - 1] ascending, losses [m] float64)``.
 
-        Row ``i`` drops the ``i``-th expert of ``parent`` (ascending ids).
+        Row ``i`` drops the ``i``-th expert of the parent (ascending ids). The outputs that the
+        parents' children need are computed together, before any child is scored.
         """
         if self.stats is None:
             raise RuntimeError("call prepare() before children()")
-        par = torch.tensor(sorted(int(e) for e in parent), dtype=torch.long, device=self.device)
-        m = par.numel()
-        keep = ~torch.eye(m, dtype=torch.bool, device=self.device)
-        kept = par.unsqueeze(0).expand(m, m).masked_select(keep).view(m, m - 1)
-        rule = self._rule(m - 1)
-        if not self.router.batched or not is_local(rule) or m - 1 < self.k:
-            return kept.cpu(), self.losses(kept)
+        out: list[tuple[torch.Tensor, torch.Tensor]] = []
+        tops: list[torch.Tensor | None] = []
+        for parent in parents:
+            par = torch.tensor(sorted(int(e) for e in parent), dtype=torch.long, device=self.device)
+            rule = self._rule(par.numel() - 1)
+            incremental = (
+                self.router.by_rule and is_local(rule) and par.numel() - 1 >= self.k
+                and (self.bias is None or getattr(rule, "row_bias", False))
+            )
+            tops.append(self._top(par, rule) if incremental else None)
+        wanted = [top for top in tops if top is not None]
+        if wanted:
+            tok = torch.arange(self.layout.num_tokens, device=self.device).repeat_interleave(self.k + 1)
+            self.ensure(tok.repeat(len(wanted)), torch.cat([top.reshape(-1) for top in wanted]))
+        for parent, top in zip(parents, tops, strict=True):
+            par = torch.tensor(sorted(int(e) for e in parent), dtype=torch.long, device=self.device)
+            m = par.numel()
+            kept = par.unsqueeze(0).expand(m, m).masked_select(~torch.eye(m, dtype=torch.bool, device=self.device))
+            kept = kept.view(m, m - 1)
+            if top is None:
+                out.append((kept.cpu(), self.losses(kept)))
+            else:
+                out.append((kept.cpu(), self._children_losses(par, self._rule(m - 1), top)))
+        return out
+
+    def _top(self, par: torch.Tensor, rule: Any) -> torch.Tensor:
+        """Each token's top ``k + 1`` experts of ``par`` under ``rule`` ``[T, k + 1]``."""
         wider = dataclasses.replace(rule, top_k=self.k + 1)
+        bias = None if self.bias is None else self.bias[par]
+        return torch.cat([par[wider(self.logits[s:e].index_select(1, par), bias)[1]] for s, e in self.layout.chunks()])
+
+    def _children_losses(self, par: torch.Tensor, rule: Any, top_all: torch.Tensor) -> torch.Tensor:
+        """Losses ``[m]`` of the sets ``par - {e}``, the parent's top ``k + 1`` per token given and computed."""
+        m, k, nb = par.numel(), self.k, self.layout.num_batches
         position = torch.full((self.n,), -1, dtype=torch.long, device=self.device)
         position[par] = torch.arange(m, device=self.device)
-        nb = self.layout.num_batches
         base = torch.zeros(1, nb, dtype=torch.float64, device=self.device)
         delta = torch.zeros(m, nb, dtype=torch.float64, device=self.device)
-        bias = None if self.bias is None else self.bias[par]
-        k = self.k
         # others[p]: the positions 0..k other than p, for the k + 1 experts a token may use.
         others = torch.arange(k + 1, device=self.device).expand(k + 1, k + 1)
         others = others.masked_select(~torch.eye(k + 1, dtype=torch.bool, device=self.device)).view(k + 1, k)
         for start, end in self.layout.chunks():
             t = end - start
             tok = torch.arange(start, end, device=self.device)
-            sub = self.logits[start:end].index_select(1, par)
-            top = par[wider(sub, bias)[1]]  # [t, k + 1]: the parent's top k + 1 under the child's rule
+            top = top_all[start:end]  # [t, k + 1]: the parent's top k + 1 under the child's rule
             top_logits = self.logits[tok.unsqueeze(1), top]
             top_bias = None if self.bias is None else self.bias[top]
-            self.ensure(tok.repeat_interleave(k + 1), top.reshape(-1))
             slots = self.slot_of[tok.unsqueeze(1), top]
             gram = self._gram_at(tok, slots)  # [t, k + 1, k + 1]
             u = self.u[tok.unsqueeze(1), slots]
             # The parent's routing under the child's rule is the rule on its top k + 1 (the rule is local).
             w_b, loc_b = rule(top_logits, top_bias)
-            a_b = torch.zeros(t, 1, k + 1, dtype=torch.float64, device=self.device).scatter_(2, loc_b.unsqueeze(1), w_b.double().unsqueeze(1))
+            a_b = torch.zeros(t, 1, k + 1, dtype=torch.float64, device=self.device)
+            a_b.scatter_(2, loc_b.unsqueeze(1), w_b.double().unsqueeze(1))
             # The child dropping top[t, p] (p in loc_b[t]) routes token t among the other k of the k + 1.
             pos = others[loc_b]  # [t, k, k]
             w_c, loc_c = rule(top_logits.gather(1, pos.view(t, -1)).view(t * k, k),
@@ -263,8 +286,7 @@ class LazyScorer:
             per_child = torch.zeros(t, m, dtype=torch.float64, device=self.device)
             per_child.scatter_(1, position[top.gather(1, loc_b)], diff)
             self.layout.batch_sums(start, end, per_child.t(), delta)
-        losses = (base + delta).clamp_min_(0).sqrt_().sum(1)
-        return kept.cpu(), losses.cpu()
+        return (base + delta).clamp_min_(0).sqrt_().sum(1).cpu()
 
     def close(self) -> None:
         """Drop the cached outputs."""

@@ -129,8 +129,12 @@ class CandidateRouter:
         self.config = config
         self.n = adapter.block_num_experts(block)
         self._rules: dict[int, Any] = {}
-        overridden = type(adapter).route is not MoEAdapter.route
-        self.batched = not overridden and adapter.choice_bias(block) is None
+        #: Whether the family routes through its rule (:meth:`MoEAdapter.route` not overridden).
+        self.by_rule = type(adapter).route is not MoEAdapter.route
+        self.by_rule = not self.by_rule
+        bias = adapter.choice_bias(block)
+        self.bias = None if bias is None else bias.detach().float()
+        self.batched = self.by_rule and bias is None
 
     def rule(self, m: int) -> Any:
         """The routing rule of a model keeping ``m`` experts."""
@@ -141,21 +145,26 @@ class CandidateRouter:
 
     def __call__(self, logits: torch.Tensor, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``logits [T, n]``, ``kept [C, m]`` (ascending ids) -> weights ``[k, T, C]`` float32, ids ``[k, T, C]``."""
-        if not self.batched:
+        rule = self.rule(kept.shape[1]) if self.by_rule else None
+        if not self.batched and not (self.by_rule and getattr(rule, "row_bias", False)):
             outs = [self.adapter.route(self.block, logits, self.config, row.tolist()) for row in kept]
             weights = torch.stack([w.float().t() for w, _ in outs], 2)
             return weights.contiguous(), torch.stack([i.long().t() for _, i in outs], 2).contiguous()
-        rule = self.rule(kept.shape[1])
+        if self.bias is not None:  # a rule that takes a bias row per token: each candidate's own bias
+            return self._batched(rule, logits, kept, self.bias.to(logits.device))
         if _fast_rule(rule) and self.n <= FAST_ROUTER_MAX_EXPERTS and logits.dtype == torch.float32:
             return self._softmax_topk(rule, logits, kept)
         return self._batched(rule, logits, kept)
 
     @staticmethod
-    def _batched(rule: Any, logits: torch.Tensor, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _batched(
+        rule: Any, logits: torch.Tensor, kept: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         t = logits.shape[0]
         c, m = kept.shape
         sub = logits.index_select(1, kept.reshape(-1)).view(t * c, m)
-        weights, local = rule(sub)
+        rows_bias = None if bias is None else bias[kept].unsqueeze(0).expand(t, c, m).reshape(t * c, m)
+        weights, local = rule(sub, rows_bias)
         k = weights.shape[-1]
         offsets = torch.arange(c, device=kept.device).mul_(m).view(1, c, 1)
         ids = kept.reshape(-1)[local.view(t, c, k) + offsets]

@@ -21,8 +21,8 @@ if TYPE_CHECKING:
 
 #: ``fitness(kept [C, m]) -> losses [C]`` (float64).
 Fitness = Callable[[torch.Tensor], torch.Tensor]
-#: ``expand(parent) -> (kept [m, m - 1], losses [m])``: every set one expert smaller than ``parent``, scored.
-Expand = Callable[[Sequence[int]], tuple[torch.Tensor, torch.Tensor]]
+#: ``expand(parents) -> [(kept [m, m - 1], losses [m])]``: for each parent every set one expert smaller, scored.
+Expand = Callable[[Sequence[Sequence[int]]], list[tuple[torch.Tensor, torch.Tensor]]]
 
 
 @dataclass
@@ -93,14 +93,17 @@ class LayerProblem:
         """Incremental scoring of a parent's children when the scorer has it (:class:`LazyScorer`), else None."""
         return self._children if hasattr(self.scorer, "children") else None
 
-    def _children(self, parent: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _children(self, parents: Sequence[Sequence[int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         self._ensure_pass()
-        kept, losses = self.scorer.children(parent)  # type: ignore[union-attr]
-        new = [i for i, row in enumerate(map(tuple, kept.tolist())) if row not in self.known]
-        self.remember(kept[new], losses[new])
-        if self.progress:
-            self.progress(len(new))
-        return kept, torch.tensor([self.known[tuple(r)] for r in kept.tolist()], dtype=torch.float64)
+        out = []
+        for kept, losses in self.scorer.children(parents):  # type: ignore[union-attr]
+            rows = list(map(tuple, kept.tolist()))
+            new = [i for i, row in enumerate(rows) if row not in self.known]
+            self.remember(kept[new], losses[new])
+            if self.progress:
+                self.progress(len(new))
+            out.append((kept, torch.tensor([self.known[r] for r in rows], dtype=torch.float64)))
+        return out
 
     def single(self, kept: Sequence[int]) -> StrategyResult:
         """The result of a strategy that picks one set without search."""
@@ -133,8 +136,7 @@ def beam_search(fitness: Fitness, n: int, r: int, width: int, expand: Expand | N
             losses = fitness(kept).double().cpu()
         else:
             scored: dict[tuple[int, ...], float] = {}
-            for parent in sorted(beams):
-                kids, kid_losses = expand(parent)
+            for kids, kid_losses in expand(sorted(beams)):
                 for row, loss in zip(map(tuple, kids.tolist()), kid_losses.tolist(), strict=True):
                     scored.setdefault(row, loss)
             children = sorted(scored)
