@@ -29,8 +29,9 @@ def is_local(rule: object) -> bool:
     A local rule picks a token's top-k by a score of each expert that does not depend on which other
     experts are present, and weighs them from the chosen experts' logits only. So on any set ``S'``
     with ``chosen(S) <= S' <= S`` it routes as on ``S``, and ``chosen(S - {e})`` lies in the top
-    ``k + 1`` of ``S`` (the rule with ``top_k + 1``). Local rules also accept a per-row bias
-    ``[T, m]``. Incremental search (docs/search.md) relies on this; other rules are scored in full.
+    ``k + 1`` of ``S`` (the rule with ``top_k + 1``). Incremental search (docs/search.md) relies on
+    this (and, for a family with a selection bias, on ``row_bias``: the rule takes a bias row per
+    token); other rules are scored in full.
     """
     return bool(getattr(rule, "local", False))
 

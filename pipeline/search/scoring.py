@@ -111,8 +111,9 @@ def _fast_rule(rule: Any) -> bool:
 class CandidateRouter:
     """Routing weights and ids of many kept sets at once, as ``adapter.route`` computes them.
 
-    * When the family overrides :meth:`MoEAdapter.route` or has a per-expert selection bias, the
-      adapter's own ``route`` runs once per candidate.
+    * When the family overrides :meth:`MoEAdapter.route`, or has a per-expert selection bias and a
+      rule that takes no bias row per token (``row_bias``), the adapter's own ``route`` runs once
+      per candidate.
     * Otherwise the rule of the pruned config runs on every candidate's logits in one batched call
       (rules act row by row, so this is the same computation).
     * For the softmax-top-k rule (:class:`SoftmaxTopK`: Mixtral, Qwen-MoE, OLMoE, DeepSeek-V2 greedy)
@@ -130,8 +131,7 @@ class CandidateRouter:
         self.n = adapter.block_num_experts(block)
         self._rules: dict[int, Any] = {}
         #: Whether the family routes through its rule (:meth:`MoEAdapter.route` not overridden).
-        self.by_rule = type(adapter).route is not MoEAdapter.route
-        self.by_rule = not self.by_rule
+        self.by_rule = type(adapter).route is MoEAdapter.route
         bias = adapter.choice_bias(block)
         self.bias = None if bias is None else bias.detach().float()
         self.batched = self.by_rule and bias is None
