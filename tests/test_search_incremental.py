@@ -44,7 +44,8 @@ def check_family(family: str) -> None:
     adapter, block, config, x, dense, lazy = scorers(family)
     n, k = dense.n, dense.k
     assert torch.equal(lazy.stats.counts, dense.stats.counts)
-    assert torch.allclose(lazy.stats.reap_sum, dense.stats.reap_sum, rtol=1e-9)
+    # Outputs computed on different token subsets differ in float32 rounding (matmul blocking).
+    assert torch.allclose(lazy.stats.reap_sum, dense.stats.reap_sum, rtol=1e-6)
     parent = list(range(n))
     while len(parent) > k:
         (kept, losses), = lazy.children([parent])
