@@ -255,6 +255,22 @@ class MoEAdapter:
         module = getattr(block, self.experts_attr)
         return self.experts_forward_each(module, x, experts, self.block_num_experts(block))
 
+    def expert_outputs_at(self, block: nn.Module, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """Output of expert ``experts[i]`` on token ``x[i]``: ``[P, d]`` for ``x [P, d]``, ``experts [P]``.
+
+        One call of a fused experts module with one routing slot of weight 1 per row; families that
+        override :meth:`expert_outputs` get one :meth:`expert_outputs` call per distinct expert.
+        """
+        if type(self).expert_outputs is not MoEAdapter.expert_outputs:
+            out = torch.empty_like(x)
+            for e in torch.unique(experts).tolist():
+                rows = (experts == e).nonzero().squeeze(1)
+                out[rows] = self.expert_outputs(block, x.index_select(0, rows), [e])[:, 0].to(x.dtype)
+            return out
+        module = getattr(block, self.experts_attr)
+        ones = torch.ones((x.shape[0], 1), dtype=x.dtype, device=x.device)
+        return module(x, experts.view(-1, 1).to(x.device), ones)
+
     @staticmethod
     def experts_forward_each(
         module: nn.Module, x: torch.Tensor, experts: Sequence[int] | None, n: int

@@ -23,6 +23,19 @@ class RoutingRule(Protocol):
         ...
 
 
+def is_local(rule: object) -> bool:
+    """Whether ``rule`` routes each token from per-expert scores alone (``local`` on the rule, default False).
+
+    A local rule picks a token's top-k by a score of each expert that does not depend on which other
+    experts are present, and weighs them from the chosen experts' logits only. So on any set ``S'``
+    with ``chosen(S) <= S' <= S`` it routes as on ``S``, and ``chosen(S - {e})`` lies in the top
+    ``k + 1`` of ``S`` (the rule with ``top_k + 1``). Incremental search (docs/search.md) relies on
+    this (and, for a family with a selection bias, on ``row_bias``: the rule takes a bias row per
+    token); other rules are scored in full.
+    """
+    return bool(getattr(rule, "local", False))
+
+
 @dataclass(frozen=True)
 class SoftmaxTopK:
     """``p = softmax(logits)``, top-k of ``p``, optionally renormalised, times ``scale``.
@@ -35,6 +48,11 @@ class SoftmaxTopK:
     renormalize: bool
     scale: float = 1.0
     cast_to_logits_dtype: bool = False
+
+    @property
+    def local(self) -> bool:
+        """Renormalised weights depend on the chosen logits only; without it on every kept logit."""
+        return self.renormalize
 
     def __call__(self, logits: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         probs = torch.softmax(logits.float(), dim=-1)
@@ -76,6 +94,7 @@ class SigmoidBiasTopK:
     the ``topk_group`` best groups (group score = sum of its two best); weights are ``s`` of the
     chosen experts, optionally renormalised, times ``scale``."""
 
+    row_bias = True  # the bias may also be one row per token, [T, m]
     top_k: int
     n_group: int
     topk_group: int
@@ -84,6 +103,11 @@ class SigmoidBiasTopK:
     eps: float = 1e-20  # added to the renormalisation denominator (LFM2-MoE: 1e-6, MiniMax-M2: 0)
     softcap: float = 0.0  # logits -> softcap * tanh(logits / softcap) first, when > 0 (Laguna)
     masked_value: float = float("-inf")  # choice score of experts outside the chosen groups (A.X K2: 0)
+
+    @property
+    def local(self) -> bool:
+        """Without groups the choice is per expert; group scores depend on the other experts."""
+        return self.n_group == 1
 
     def __call__(self, logits: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         logits = logits.float()
@@ -111,6 +135,8 @@ class LogitBiasSigmoidTopK:
     """Kolibri: experts chosen by ``logits + bias``; weights ``sigmoid(logit)`` of the chosen,
     optionally renormalised."""
 
+    local = True  # per-expert choice; weights from the chosen logits (see is_local)
+    row_bias = True  # the bias may also be one row per token, [T, m]
     top_k: int
     renormalize: bool
 
@@ -129,6 +155,7 @@ class TopKScores:
     """Cohere2-MoE: top-k of the logits, then softmax over those k, or their sigmoid (optionally
     renormalised); times ``scale``."""
 
+    local = True  # per-expert choice; weights from the chosen logits (see is_local)
     top_k: int
     activation: str  # "softmax" or "sigmoid"
     renormalize: bool = False
@@ -149,6 +176,7 @@ class TopKScores:
 class TopKSoftmax:
     """Top-k of the logits, softmax over those k (GraniteMoE, gpt-oss): renormalised by construction."""
 
+    local = True  # per-expert choice; weights from the chosen logits (see is_local)
     top_k: int
 
     def __call__(self, logits: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,6 +232,7 @@ class TopKUnitWeights:
     """Top-k of the logits with weight 1 each (Llama 4: the router's sigmoid scales the expert's
     *input*, which the adapter folds into the expert outputs, so the output weights are 1)."""
 
+    local = True  # per-expert choice; weights from the chosen logits (see is_local)
     top_k: int
 
     def __call__(self, logits: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

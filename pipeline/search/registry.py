@@ -53,6 +53,9 @@ class Strategy:
     notes: str
     #: Also allowed in ``search.baselines`` (scored next to every search).
     baseline: bool = False
+    #: Scored with :class:`pipeline.search.incremental.LazyScorer` (expert outputs on demand, children
+    #: updated from their parent) instead of one dense pass with Gram matrices.
+    incremental: bool = False
 
     def load(self) -> Callable[[Any], Any]:
         """The search function."""
@@ -70,10 +73,12 @@ STRATEGIES: dict[str, Strategy] = {
         Strategy(
             "greedy", "pipeline.search.strategies:greedy_layer", lambda n, r, p: _dropping(n, r, 1),
             "`sum_{s=r}^{n-1} (s+1)` sets", "drop, one at a time, the expert whose removal costs least",
+            incremental=True,
         ),
         Strategy(
             "beam", "pipeline.search.strategies:beam_layer", lambda n, r, p: _dropping(n, r, p.beam_width),
             "at most `beam_width x` greedy", "keep the `search.beam_width` best sets of each size",
+            incremental=True,
         ),
         Strategy(
             "evolutionary", "pipeline.search.evolutionary:evolutionary_layer",

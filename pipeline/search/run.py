@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from pipeline.config import SearchParams, validate_r
 from pipeline.errors import PipelineError
@@ -30,6 +31,7 @@ from pipeline.models.base import MoEAdapter
 from pipeline.search import registry
 from pipeline.models.outputs import outputs_of
 from pipeline.search.reference import reference_losses
+from pipeline.search.incremental import LazyScorer
 from pipeline.search.scoring import CACHE_BYTES, LayerScorer
 from pipeline.search.strategies import LayerProblem
 from pipeline.streaming import layer_on_device, stream_layers
@@ -121,24 +123,28 @@ def search_layer(
     device: torch.device | str = "cpu",
     spill_dir: Path | None = None,
     cache_bytes: int = CACHE_BYTES,
+    progress: Callable[[int], None] | None = None,
 ) -> LayerResult:
-    """Search one MoE block on its input tokens ``x`` (``[N, L, d]`` or ``[N * L, d]``, sequence order)."""
+    """Search one MoE block on its input tokens ``x`` (``[N, L, d]`` or ``[N * L, d]``, sequence order).
+
+    ``progress`` is called with the number of sets each scoring step adds.
+    """
     started = time.perf_counter()
     n, k, r = adapter.block_num_experts(block), adapter.top_k(config), settings.r
     validate_r(r, n, k)
     strategy = registry.resolve(settings.strategy, n, r, settings.enumerate_budget)
-    scorer = LayerScorer(
-        adapter,
-        block,
-        config,
-        x,
-        tokens_per_batch=settings.loss_batch_size * seq_len,
-        token_chunk=settings.token_chunk,
-        device=device,
-        spill_dir=spill_dir,
-        cache_bytes=cache_bytes,
-    )
-    problem = LayerProblem(scorer, n, settings, layer)
+    scorer: LayerScorer | LazyScorer
+    if registry.get(strategy).incremental:
+        scorer = LazyScorer(
+            adapter, block, config, x, tokens_per_batch=settings.loss_batch_size * seq_len,
+            token_chunk=settings.token_chunk, device=device,
+        )
+    else:
+        scorer = LayerScorer(
+            adapter, block, config, x, tokens_per_batch=settings.loss_batch_size * seq_len,
+            token_chunk=settings.token_chunk, device=device, spill_dir=spill_dir, cache_bytes=cache_bytes,
+        )
+    problem = LayerProblem(scorer, n, settings, layer, progress=progress)
     try:
         result = registry.get(strategy).load()(problem)
         _check_finite(result.losses, layer)
@@ -212,40 +218,47 @@ def estimate_seconds(
     seq_len: int,
     num_layers: int,
     device: torch.device | str = "cpu",
-    sample_tokens: int = 2048,
-    sample_candidates: int = 128,
+    probe_fraction: int = 16,
 ) -> tuple[str, int, float]:
-    """``(strategy, candidates per layer, estimated seconds for all layers)`` from a timed probe.
+    """``(strategy, candidates per layer, estimated seconds for all layers)`` from timed probes.
 
-    The probe runs one dense expert pass on up to ``sample_tokens`` tokens and scores up to
-    ``sample_candidates`` random sets, then scales to every token, candidate and layer.
+    The layer's whole search (:func:`search_layer`: strategy, baselines, verify) runs on its first
+    ``1/probe_fraction`` of the sequences and on twice that (the smaller one twice, the faster
+    counted: the first run pays warm-up); the time per layer is extrapolated linearly in the number of
+    sequences (a fixed part plus a part per sequence), times ``num_layers``.
     """
     n, k, r = adapter.block_num_experts(block), adapter.top_k(config), settings.r
     validate_r(r, n, k)
     strategy = registry.resolve(settings.strategy, n, r, settings.enumerate_budget)
     planned = registry.planned_candidates(strategy, n, r, settings) + len(settings.baselines)
-    flat = x.reshape(-1, x.shape[-1])
-    tokens = flat.shape[0]
-    sample = flat[: min(tokens, sample_tokens)]
-    scorer = LayerScorer(
-        adapter, block, config, sample, tokens_per_batch=max(1, settings.loss_batch_size * seq_len),
-        token_chunk=settings.token_chunk, device=device,
-    )
-    gen = torch.Generator().manual_seed(0)
-    probe = torch.stack([torch.randperm(n, generator=gen)[:r].sort().values for _ in range(min(sample_candidates, math.comb(n, r)))])
-    t0 = time.perf_counter()
-    scorer.prepare()
-    t1 = time.perf_counter()
-    scorer.losses(probe)
-    t2 = time.perf_counter()
-    scorer.close()
-    scale = tokens / sample.shape[0]
-    per_layer = scale * ((t1 - t0) + (t2 - t1) * planned / probe.shape[0])
+    seqs = x.reshape(-1, seq_len, x.shape[-1])
+    total = seqs.shape[0]
+    small = max(1, total // probe_fraction)
+    large = min(total, 2 * small)
+
+    def probe(count: int) -> float:
+        started = time.perf_counter()
+        search_layer(adapter, block, config, seqs[:count], 0, settings, seq_len=seq_len, device=device)
+        return time.perf_counter() - started
+
+    t_small = probe(small)
+    t_large = probe(large)
+    t_small = min(t_small, probe(small))
+    slope = (t_large - t_small) / (large - small) if large > small else 0.0
+    if slope <= 0.0:  # one sample size, or noise larger than the difference: proportional
+        per_layer = max(t_small, t_large) * total / large
+    else:
+        per_layer = max(0.0, t_small - slope * small) + slope * total
     return strategy, planned, per_layer * num_layers
 
 
 # -- both modes ---------------------------------------------------------------------------------------
 LayerCallback = Callable[[LayerResult, bool], None]
+
+
+def _layer_bar(layer: int, strategy: str, planned: int) -> Any:
+    """A progress bar over one layer's scored sets, with an ETA (shown on a terminal only, as tqdm decides)."""
+    return tqdm(total=planned, desc=f"search layer {layer} ({strategy})", unit="set", leave=False, disable=None, mininterval=1.0)
 
 
 def _spill(work_dir: Path | None) -> Path | None:
@@ -302,9 +315,11 @@ def run_layerwise(
                 )
                 _announce(strategy, planned, len(layers), seconds, settings, adapter.block_num_experts(block), device)
                 announced = True
-            result = search_layer(
-                adapter, block, config, x, i, settings, seq_len=x.shape[1], device=device, spill_dir=_spill(work_dir)
-            )
+            with _layer_bar(i, strategy, planned) as bar:
+                result = search_layer(
+                    adapter, block, config, x, i, settings, seq_len=x.shape[1], device=device, spill_dir=_spill(work_dir),
+                    progress=bar.update,
+                )
         del x
         if work_dir is not None:
             save_layer(work_dir, result)
@@ -352,10 +367,11 @@ def run_progressive(
                     strategy, planned, len(moe_layers), seconds, settings, adapter.block_num_experts(step.block), device
                 )
                 announced = True
-            result = search_layer(
-                adapter, step.block, config, x, step.index, settings, seq_len=seq_len, device=device,
-                spill_dir=_spill(work_dir),
-            )
+            with _layer_bar(step.index, strategy, planned) as bar:
+                result = search_layer(
+                    adapter, step.block, config, x, step.index, settings, seq_len=seq_len, device=device,
+                    spill_dir=_spill(work_dir), progress=bar.update,
+                )
             del x
             if work_dir is not None:
                 save_layer(work_dir, result)

@@ -111,8 +111,9 @@ def _fast_rule(rule: Any) -> bool:
 class CandidateRouter:
     """Routing weights and ids of many kept sets at once, as ``adapter.route`` computes them.
 
-    * When the family overrides :meth:`MoEAdapter.route` or has a per-expert selection bias, the
-      adapter's own ``route`` runs once per candidate.
+    * When the family overrides :meth:`MoEAdapter.route`, or has a per-expert selection bias and a
+      rule that takes no bias row per token (``row_bias``), the adapter's own ``route`` runs once
+      per candidate.
     * Otherwise the rule of the pruned config runs on every candidate's logits in one batched call
       (rules act row by row, so this is the same computation).
     * For the softmax-top-k rule (:class:`SoftmaxTopK`: Mixtral, Qwen-MoE, OLMoE, DeepSeek-V2 greedy)
@@ -129,8 +130,11 @@ class CandidateRouter:
         self.config = config
         self.n = adapter.block_num_experts(block)
         self._rules: dict[int, Any] = {}
-        overridden = type(adapter).route is not MoEAdapter.route
-        self.batched = not overridden and adapter.choice_bias(block) is None
+        #: Whether the family routes through its rule (:meth:`MoEAdapter.route` not overridden).
+        self.by_rule = type(adapter).route is MoEAdapter.route
+        bias = adapter.choice_bias(block)
+        self.bias = None if bias is None else bias.detach().float()
+        self.batched = self.by_rule and bias is None
 
     def rule(self, m: int) -> Any:
         """The routing rule of a model keeping ``m`` experts."""
@@ -141,21 +145,26 @@ class CandidateRouter:
 
     def __call__(self, logits: torch.Tensor, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``logits [T, n]``, ``kept [C, m]`` (ascending ids) -> weights ``[k, T, C]`` float32, ids ``[k, T, C]``."""
-        if not self.batched:
+        rule = self.rule(kept.shape[1]) if self.by_rule else None
+        if not self.batched and not (self.by_rule and getattr(rule, "row_bias", False)):
             outs = [self.adapter.route(self.block, logits, self.config, row.tolist()) for row in kept]
             weights = torch.stack([w.float().t() for w, _ in outs], 2)
             return weights.contiguous(), torch.stack([i.long().t() for _, i in outs], 2).contiguous()
-        rule = self.rule(kept.shape[1])
+        if self.bias is not None:  # a rule that takes a bias row per token: each candidate's own bias
+            return self._batched(rule, logits, kept, self.bias.to(logits.device))
         if _fast_rule(rule) and self.n <= FAST_ROUTER_MAX_EXPERTS and logits.dtype == torch.float32:
             return self._softmax_topk(rule, logits, kept)
         return self._batched(rule, logits, kept)
 
     @staticmethod
-    def _batched(rule: Any, logits: torch.Tensor, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _batched(
+        rule: Any, logits: torch.Tensor, kept: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         t = logits.shape[0]
         c, m = kept.shape
         sub = logits.index_select(1, kept.reshape(-1)).view(t * c, m)
-        weights, local = rule(sub)
+        rows_bias = None if bias is None else bias[kept].unsqueeze(0).expand(t, c, m).reshape(t * c, m)
+        weights, local = rule(sub, rows_bias)
         k = weights.shape[-1]
         offsets = torch.arange(c, device=kept.device).mul_(m).view(1, c, 1)
         ids = kept.reshape(-1)[local.view(t, c, k) + offsets]

@@ -16,10 +16,13 @@ import torch
 
 if TYPE_CHECKING:
     from pipeline.config import SearchParams
+    from pipeline.search.incremental import LazyScorer
     from pipeline.search.scoring import LayerScorer, RoutingStats
 
 #: ``fitness(kept [C, m]) -> losses [C]`` (float64).
 Fitness = Callable[[torch.Tensor], torch.Tensor]
+#: ``expand(parents) -> [(kept [m, m - 1], losses [m])]``: for each parent every set one expert smaller, scored.
+Expand = Callable[[Sequence[Sequence[int]]], list[tuple[torch.Tensor, torch.Tensor]]]
 
 
 @dataclass
@@ -41,13 +44,17 @@ def best_of(kept: torch.Tensor, losses: torch.Tensor) -> int:
 
 @dataclass
 class LayerProblem:
-    """One layer's search: its scorer, expert count, search params and index; each set's loss computed once."""
+    """One layer's search: its scorer, expert count, search params and index; each set's loss computed once.
 
-    scorer: LayerScorer
+    ``progress`` is called with the number of sets each scoring call adds.
+    """
+
+    scorer: LayerScorer | LazyScorer
     n: int
     params: SearchParams
     layer: int
     known: dict[tuple[int, ...], float] = field(default_factory=dict, repr=False)
+    progress: Callable[[int], None] | None = field(default=None, repr=False)
 
     @property
     def r(self) -> int:
@@ -77,7 +84,26 @@ class LayerProblem:
             self._ensure_pass()
             todo_t = torch.tensor(todo, dtype=torch.long)
             self.remember(todo_t, self.scorer.losses(todo_t))
+            if self.progress:
+                self.progress(len(todo))
         return torch.tensor([self.known[r] for r in rows], dtype=torch.float64)
+
+    @property
+    def expand(self) -> Expand | None:
+        """Incremental scoring of a parent's children when the scorer has it (:class:`LazyScorer`), else None."""
+        return self._children if hasattr(self.scorer, "children") else None
+
+    def _children(self, parents: Sequence[Sequence[int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        self._ensure_pass()
+        out = []
+        for kept, losses in self.scorer.children(parents):  # type: ignore[union-attr]
+            rows = list(map(tuple, kept.tolist()))
+            new = [i for i, row in enumerate(rows) if row not in self.known]
+            self.remember(kept[new], losses[new])
+            if self.progress:
+                self.progress(len(new))
+            out.append((kept, torch.tensor([self.known[r] for r in rows], dtype=torch.float64)))
+        return out
 
     def single(self, kept: Sequence[int]) -> StrategyResult:
         """The result of a strategy that picks one set without search."""
@@ -92,19 +118,30 @@ def enumerate_all(kept: torch.Tensor, losses: torch.Tensor) -> StrategyResult:
     return StrategyResult(kept[i].tolist(), float(losses[i]), int(kept.shape[0]), kept.cpu(), losses.cpu())
 
 
-def beam_search(fitness: Fitness, n: int, r: int, width: int) -> StrategyResult:
+def beam_search(fitness: Fitness, n: int, r: int, width: int, expand: Expand | None = None) -> StrategyResult:
     """Drop one expert at a time from all ``n``, keeping the ``width`` best sets of each size.
 
-    ``width=1`` is greedy search. Every set is scored at most once.
+    ``width=1`` is greedy search. With ``expand``, each parent's children are scored together
+    (incrementally, :meth:`LazyScorer.children`) and a set shared by two parents takes the loss from
+    the first parent in order; otherwise ``fitness`` scores every set at most once.
     """
     beams: list[tuple[int, ...]] = [tuple(range(n))]
     evaluated = 0
     last_kept = torch.empty(0, r, dtype=torch.long)
     last_losses = torch.empty(0, dtype=torch.float64)
     for _size in range(n - 1, r - 1, -1):
-        children = sorted({tuple(e for e in parent if e != drop) for parent in beams for drop in parent})
-        kept = torch.tensor(children, dtype=torch.long)
-        losses = fitness(kept).double().cpu()
+        if expand is None:
+            children = sorted({tuple(e for e in parent if e != drop) for parent in beams for drop in parent})
+            kept = torch.tensor(children, dtype=torch.long)
+            losses = fitness(kept).double().cpu()
+        else:
+            scored: dict[tuple[int, ...], float] = {}
+            for kids, kid_losses in expand(sorted(beams)):
+                for row, loss in zip(map(tuple, kids.tolist()), kid_losses.tolist(), strict=True):
+                    scored.setdefault(row, loss)
+            children = sorted(scored)
+            kept = torch.tensor(children, dtype=torch.long)
+            losses = torch.tensor([scored[c] for c in children], dtype=torch.float64)
         evaluated += len(children)
         order = sorted(range(len(children)), key=lambda i: (float(losses[i]), children[i]))
         beams = [children[i] for i in order[:width]]
@@ -113,23 +150,25 @@ def beam_search(fitness: Fitness, n: int, r: int, width: int) -> StrategyResult:
     return StrategyResult(last_kept[i].tolist(), float(last_losses[i]), evaluated, last_kept, last_losses)
 
 
-def greedy_search(fitness: Fitness, n: int, r: int) -> StrategyResult:
+def greedy_search(fitness: Fitness, n: int, r: int, expand: Expand | None = None) -> StrategyResult:
     """Drop, one at a time, the expert whose removal raises the loss least (beam width 1)."""
-    return beam_search(fitness, n, r, width=1)
+    return beam_search(fitness, n, r, width=1, expand=expand)
 
 
 def enumerate_layer(p: LayerProblem) -> StrategyResult:
     """Every ``r``-subset, from one pass computing only the needed expert outputs."""
-    kept, losses = p.scorer.score_subsets(p.r)
+    kept, losses = p.scorer.score_subsets(p.r)  # type: ignore[union-attr]
     p.remember(kept, losses)
+    if p.progress:
+        p.progress(int(kept.shape[0]))
     return enumerate_all(kept, losses)
 
 
 def greedy_layer(p: LayerProblem) -> StrategyResult:
     """:func:`greedy_search` on one layer."""
-    return greedy_search(p.losses, p.n, p.r)
+    return greedy_search(p.losses, p.n, p.r, p.expand)
 
 
 def beam_layer(p: LayerProblem) -> StrategyResult:
     """:func:`beam_search` of width ``search.beam_width`` on one layer."""
-    return beam_search(p.losses, p.n, p.r, p.params.beam_width)
+    return beam_search(p.losses, p.n, p.r, p.params.beam_width, p.expand)

@@ -1,0 +1,296 @@
+"""Incremental scoring of kept-expert sets for greedy and beam search on fine-grained MoEs (docs/search.md).
+
+:class:`LazyScorer` computes an expert's output on a token only when some scored set routes that
+token to it. Each token keeps the outputs it has so far in *slots*, with their float64 Gram matrix
+``G`` and ``u = G a(full)``; a set's squared output error on a token is then
+``a^T G a - 2 a(S)^T u + a(S)^T G a(S)`` over the token's slots, as in :mod:`pipeline.search.scoring`.
+
+:meth:`LazyScorer.children` scores every set ``S - {e}`` of a parent ``S`` at once. When the
+pruned routing rule is local (:func:`~pipeline.models.routing.is_local`), dropping ``e`` changes a
+token's routing only if ``e`` is among the experts that rule picks for the token on ``S``; the
+child then routes to those experts with ``e`` swapped for the token's ``(k + 1)``-th. So the
+parent's per-token errors are computed once, and each child recomputes only the tokens routed to
+its dropped expert: ``k`` rows per token for all ``|S|`` children together, instead of ``|S|``.
+Per-batch sums of squared errors are updated, then ``loss = sum_b sqrt(.)`` (method.md §2).
+Other rules score every child in full (:meth:`LazyScorer.losses`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.models.base import MoEAdapter
+from pipeline.models.routing import is_local
+from pipeline.search.scoring import SCORE_ELEMENTS, CandidateRouter, RoutingStats, TokenLayout
+
+#: Expert-output elements converted to float64 at a time for new Gram rows.
+GRAM_ROW_ELEMENTS = 1 << 22
+#: Initial slots per token (grown by doubling).
+INITIAL_SLOTS = 16
+
+
+class LazyScorer:
+    """Scores kept-expert sets of one MoE block on fixed tokens, computing expert outputs on demand.
+
+    Same interface as :class:`~pipeline.search.scoring.LayerScorer` (``prepare``, ``stats``,
+    ``losses``, ``close``) plus :meth:`children`. ``x`` is ``[N, L, d]`` or ``[T, d]`` in sequence
+    order; a loss batch is ``tokens_per_batch`` consecutive tokens; experts run on at most
+    ``token_chunk`` tokens at a time. Memory: ``T x slots x (d x dtype bytes + slots x 8)``, where
+    ``slots`` is the most experts any one token has been routed to by the scored sets.
+    """
+
+    def __init__(
+        self,
+        adapter: MoEAdapter,
+        block: nn.Module,
+        config: Any,
+        x: torch.Tensor,
+        *,
+        tokens_per_batch: int,
+        token_chunk: int,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.adapter = adapter
+        self.block = block
+        self.config = config
+        self.x = x.reshape(-1, x.shape[-1])
+        self.device = torch.device(device)
+        self.n = adapter.block_num_experts(block)
+        self.k = adapter.top_k(config)
+        self.layout = TokenLayout(self.x.shape[0], tokens_per_batch, token_chunk)
+        self.router = CandidateRouter(adapter, block, config)
+        self.stats: RoutingStats | None = None
+        self.subset_size: int | None = None
+        #: (token, expert) outputs computed so far.
+        self.expert_evals = 0
+        self.q = 0
+        self._dtype = next(block.parameters()).dtype
+
+    # -- the token slots ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def prepare(self) -> None:
+        """Router logits, the full model's routing and its experts' outputs; afterwards sets can be scored."""
+        t_all, n, k, dev = self.x.shape[0], self.n, self.k, self.device
+        self.logits = torch.empty(t_all, n, dtype=torch.float32, device=dev)
+        w_full = torch.empty(t_all, k, dtype=torch.float64, device=dev)
+        ids_full = torch.empty(t_all, k, dtype=torch.long, device=dev)
+        for start, end in self.layout.chunks():
+            xs = self.x[start:end].to(dev, self._dtype)
+            self.logits[start:end] = self.adapter.router_logits(self.block, xs).float()
+            w, ids = self.adapter.route(self.block, self.logits[start:end], self.config)
+            w_full[start:end], ids_full[start:end] = w.double(), ids.long()
+        bias = self.adapter.choice_bias(self.block)
+        self.bias = None if bias is None else bias.detach().float().to(dev)
+        self.slot_of = torch.full((t_all, n), -1, dtype=torch.long, device=dev)
+        self.count = torch.zeros(t_all, dtype=torch.long, device=dev)
+        self.q = 0
+        self._alloc(min(INITIAL_SLOTS, n))
+        self.a_full = w_full
+        self.slots_full: torch.Tensor | None = None
+        tok = torch.arange(t_all, device=dev)
+        self.ensure(tok.repeat_interleave(k), ids_full.reshape(-1))
+        self.slots_full = self.slot_of.gather(1, ids_full)
+        self._update_u(tok.repeat_interleave(k), self.slots_full.reshape(-1))
+        g = self._gram_at(tok, self.slots_full)
+        self.zz = torch.einsum("ta,tab,tb->t", w_full, g, w_full)
+        norms = g.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt()
+        counts = torch.bincount(ids_full.reshape(-1), minlength=n)
+        reap = torch.zeros(n, dtype=torch.float64, device=dev)
+        reap.scatter_add_(0, ids_full.reshape(-1), (w_full * norms).reshape(-1))
+        self.stats = RoutingStats(counts=counts.cpu(), reap_sum=reap.cpu(), tokens=t_all)
+
+    def _alloc(self, q: int) -> None:
+        """(Re)allocate ``q`` slots per token, keeping what the current slots hold."""
+        t_all, d = self.x.shape
+        out = torch.zeros(t_all, q, d, dtype=self._dtype, device=self.device)
+        gram = torch.zeros(t_all, q, q, dtype=torch.float64, device=self.device)
+        u = torch.zeros(t_all, q, dtype=torch.float64, device=self.device)
+        if self.q:
+            p = self.q
+            out[:, :p], gram[:, :p, :p], u[:, :p] = self.out, self.gram, self.u
+        self.q, self.out, self.gram, self.u = q, out, gram, u
+
+    def _gram_at(self, tok: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """``G[tok, slots_a, slots_b]`` ``[R, j, j]`` for rows ``tok [R]`` and slots ``[R, j]``."""
+        q = self.q
+        flat = (tok * (q * q)).view(-1, 1, 1) + slots.unsqueeze(2) * q + slots.unsqueeze(1)
+        return self.gram.view(-1).index_select(0, flat.reshape(-1)).view(flat.shape)
+
+    @torch.no_grad()
+    def ensure(self, tok: torch.Tensor, experts: torch.Tensor) -> None:
+        """Compute the outputs (and Gram entries) of the (token, expert) pairs not computed yet."""
+        have = self.slot_of[tok, experts]
+        miss = have < 0
+        if not bool(miss.any()):
+            return
+        pairs = torch.unique(tok[miss] * self.n + experts[miss])  # sorted: token-major
+        t, e = pairs // self.n, pairs % self.n
+        _, per_token = torch.unique_consecutive(t, return_counts=True)
+        starts = torch.cumsum(per_token, 0) - per_token
+        rank = torch.arange(t.numel(), device=t.device) - starts.repeat_interleave(per_token)
+        slot = self.count[t] + rank
+        need = int(slot.max()) + 1
+        if need > self.q:
+            q = self.q
+            while q < need:
+                q *= 2
+            self._alloc(min(q, self.n))
+        self.slot_of[t, e] = slot
+        self.count.index_add_(0, t, torch.ones_like(t))
+        self.expert_evals += int(t.numel())
+        chunk = self.layout.token_chunk
+        for c0 in range(0, t.numel(), chunk):
+            tc, ec = t[c0 : c0 + chunk], e[c0 : c0 + chunk]
+            xs = self.x.index_select(0, tc.to(self.x.device)).to(self.device, self._dtype)
+            self.out[tc, slot[c0 : c0 + chunk]] = self.adapter.expert_outputs_at(self.block, xs, ec)
+        d = self.x.shape[1]
+        step = max(1, GRAM_ROW_ELEMENTS // (self.q * d))
+        for c0 in range(0, t.numel(), step):
+            tc, sc = t[c0 : c0 + step], slot[c0 : c0 + step]
+            rows = torch.bmm(self.out[tc].double(), self.out[tc, sc].double().unsqueeze(2)).squeeze(2)
+            self.gram[tc, sc, :] = rows
+            self.gram[tc, :, sc] = rows
+        if self.slots_full is not None:
+            self._update_u(t, slot)
+
+    def _update_u(self, tok: torch.Tensor, slot: torch.Tensor) -> None:
+        assert self.slots_full is not None
+        q = self.q
+        flat = (tok * (q * q) + slot * q).unsqueeze(1) + self.slots_full[tok]
+        self.u[tok, slot] = (self.gram.view(-1)[flat] * self.a_full[tok]).sum(1)
+
+    def err2(self, tok: torch.Tensor, w: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """Squared output error ``[R]`` of tokens ``tok [R]`` routed as ``(w, experts)`` ``[R, j]`` (computed pairs)."""
+        slots = self.slot_of[tok.unsqueeze(1), experts]
+        w64 = w.double()
+        out = torch.empty(tok.numel(), dtype=torch.float64, device=self.device)
+        step = max(1, SCORE_ELEMENTS // max(1, slots.shape[1] ** 2))
+        for c0 in range(0, tok.numel(), step):
+            tc, sc, wc = tok[c0 : c0 + step], slots[c0 : c0 + step], w64[c0 : c0 + step]
+            quad = torch.einsum("ra,rab,rb->r", wc, self._gram_at(tc, sc), wc)
+            lin = (wc * self.u[tc.unsqueeze(1), sc]).sum(1)
+            out[c0 : c0 + step] = self.zz[tc] - 2.0 * lin + quad
+        return out
+
+    def _err2_local(self, a: torch.Tensor, gram: torch.Tensor, u: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
+        """Squared errors ``[t, c]`` of weights ``a [t, c, j]`` over each token's ``j`` experts with Gram ``[t, j, j]``, ``u [t, j]``."""
+        quad = (torch.bmm(a, gram) * a).sum(2)
+        return self.zz[tok].unsqueeze(1) - 2.0 * (a * u.unsqueeze(1)).sum(2) + quad
+
+    # -- scoring ---------------------------------------------------------------------------------
+    def _rule(self, m: int) -> Any:
+        return self.router.rule(m)
+
+    @torch.no_grad()
+    def losses(self, kept: torch.Tensor | Sequence[Sequence[int]]) -> torch.Tensor:
+        """Loss of each kept set (rows of ascending expert ids, all of one size) -> ``[C]`` float64 (CPU)."""
+        if self.stats is None:
+            raise RuntimeError("call prepare() before losses()")
+        kept_t = torch.as_tensor(kept, dtype=torch.long).to(self.device)
+        if kept_t.dim() != 2 or kept_t.shape[1] < self.k:
+            raise ValueError(f"kept sets must be a [C, m] table with m >= top_k={self.k}")
+        c = kept_t.shape[0]
+        acc = torch.zeros(c, self.layout.num_batches, dtype=torch.float64, device=self.device)
+        for start, end in self.layout.chunks():
+            t = end - start
+            g = max(1, min(c, SCORE_ELEMENTS // max(1, t * (self.k + 2))))
+            tok = torch.arange(start, end, device=self.device)
+            for c0 in range(0, c, g):
+                w, ids = self.router(self.logits[start:end], kept_t[c0 : c0 + g])  # [k, t, g]
+                rows_w = w.permute(2, 1, 0).reshape(-1, w.shape[0])  # [g * t, k], candidate-major
+                rows_id = ids.permute(2, 1, 0).reshape(-1, ids.shape[0])
+                rows_tok = tok.repeat(w.shape[2])
+                self.ensure(rows_tok.repeat_interleave(rows_id.shape[1]), rows_id.reshape(-1))
+                err = self.err2(rows_tok, rows_w, rows_id).view(w.shape[2], t)
+                self.layout.batch_sums(start, end, err, acc[c0 : c0 + g])
+        return acc.clamp_min_(0).sqrt_().sum(1).cpu()
+
+    @torch.no_grad()
+    def children(self, parents: Sequence[Sequence[int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """For each parent, every set ``parent - {e}`` and its loss: ``(kept [m, m - 1] ascending, losses [m] float64)``.
+
+        Row ``i`` drops the ``i``-th expert of the parent (ascending ids). The outputs that the
+        parents' children need are computed together, before any child is scored.
+        """
+        if self.stats is None:
+            raise RuntimeError("call prepare() before children()")
+        out: list[tuple[torch.Tensor, torch.Tensor]] = []
+        tops: list[torch.Tensor | None] = []
+        for parent in parents:
+            par = torch.tensor(sorted(int(e) for e in parent), dtype=torch.long, device=self.device)
+            rule = self._rule(par.numel() - 1)
+            incremental = (
+                self.router.by_rule and is_local(rule) and par.numel() - 1 >= self.k
+                and (self.bias is None or getattr(rule, "row_bias", False))
+            )
+            tops.append(self._top(par, rule) if incremental else None)
+        wanted = [top for top in tops if top is not None]
+        if wanted:
+            tok = torch.arange(self.layout.num_tokens, device=self.device).repeat_interleave(self.k + 1)
+            self.ensure(tok.repeat(len(wanted)), torch.cat([top.reshape(-1) for top in wanted]))
+        for parent, top in zip(parents, tops, strict=True):
+            par = torch.tensor(sorted(int(e) for e in parent), dtype=torch.long, device=self.device)
+            m = par.numel()
+            kept = par.unsqueeze(0).expand(m, m).masked_select(~torch.eye(m, dtype=torch.bool, device=self.device))
+            kept = kept.view(m, m - 1)
+            if top is None:
+                out.append((kept.cpu(), self.losses(kept)))
+            else:
+                out.append((kept.cpu(), self._children_losses(par, self._rule(m - 1), top)))
+        return out
+
+    def _top(self, par: torch.Tensor, rule: Any) -> torch.Tensor:
+        """Each token's top ``k + 1`` experts of ``par`` under ``rule`` ``[T, k + 1]``."""
+        wider = dataclasses.replace(rule, top_k=self.k + 1)
+        bias = None if self.bias is None else self.bias[par]
+        return torch.cat([par[wider(self.logits[s:e].index_select(1, par), bias)[1]] for s, e in self.layout.chunks()])
+
+    def _children_losses(self, par: torch.Tensor, rule: Any, top_all: torch.Tensor) -> torch.Tensor:
+        """Losses ``[m]`` of the sets ``par - {e}``, the parent's top ``k + 1`` per token given and computed."""
+        m, k, nb = par.numel(), self.k, self.layout.num_batches
+        position = torch.full((self.n,), -1, dtype=torch.long, device=self.device)
+        position[par] = torch.arange(m, device=self.device)
+        base = torch.zeros(1, nb, dtype=torch.float64, device=self.device)
+        delta = torch.zeros(m, nb, dtype=torch.float64, device=self.device)
+        # others[p]: the positions 0..k other than p, for the k + 1 experts a token may use.
+        others = torch.arange(k + 1, device=self.device).expand(k + 1, k + 1)
+        others = others.masked_select(~torch.eye(k + 1, dtype=torch.bool, device=self.device)).view(k + 1, k)
+        for start, end in self.layout.chunks():
+            t = end - start
+            tok = torch.arange(start, end, device=self.device)
+            top = top_all[start:end]  # [t, k + 1]: the parent's top k + 1 under the child's rule
+            top_logits = self.logits[tok.unsqueeze(1), top]
+            top_bias = None if self.bias is None else self.bias[top]
+            slots = self.slot_of[tok.unsqueeze(1), top]
+            gram = self._gram_at(tok, slots)  # [t, k + 1, k + 1]
+            u = self.u[tok.unsqueeze(1), slots]
+            # The parent's routing under the child's rule is the rule on its top k + 1 (the rule is local).
+            w_b, loc_b = rule(top_logits, top_bias)
+            a_b = torch.zeros(t, 1, k + 1, dtype=torch.float64, device=self.device)
+            a_b.scatter_(2, loc_b.unsqueeze(1), w_b.double().unsqueeze(1))
+            # The child dropping top[t, p] (p in loc_b[t]) routes token t among the other k of the k + 1.
+            pos = others[loc_b]  # [t, k, k]
+            w_c, loc_c = rule(top_logits.gather(1, pos.view(t, -1)).view(t * k, k),
+                              None if top_bias is None else top_bias.gather(1, pos.view(t, -1)).view(t * k, k))
+            a_c = torch.zeros(t, k, k + 1, dtype=torch.float64, device=self.device)
+            a_c.scatter_(2, pos.gather(2, loc_c.view(t, k, k)), w_c.double().view(t, k, k))
+            err_b = self._err2_local(a_b, gram, u, tok).squeeze(1)  # [t]
+            diff = self._err2_local(a_c, gram, u, tok) - err_b.unsqueeze(1)  # [t, k]
+            self.layout.batch_sums(start, end, err_b.unsqueeze(0), base)
+            # Each token's k dropped experts are distinct: a scatter, then contiguous per-batch sums.
+            per_child = torch.zeros(t, m, dtype=torch.float64, device=self.device)
+            per_child.scatter_(1, position[top.gather(1, loc_b)], diff)
+            self.layout.batch_sums(start, end, per_child.t(), delta)
+        return (base + delta).clamp_min_(0).sqrt_().sum(1).cpu()
+
+    def close(self) -> None:
+        """Drop the cached outputs."""
+        for name in ("out", "gram", "u", "logits", "slot_of"):
+            if hasattr(self, name):
+                delattr(self, name)
+        self.q = 0
