@@ -18,7 +18,6 @@ the search optimised a different model from the one shipped, and is an error.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -33,7 +32,7 @@ from tqdm.auto import tqdm
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_dir, dumps_json, read_json, sha256_bytes
 from pipeline.merging import METHODS as MERGE_METHODS
-from pipeline.merging import LayerMerge, apply_merge, plan_layer, reconstruction_losses
+from pipeline.merging import LayerMerge, apply_merge, merge_layer
 from pipeline.models.base import MoEAdapter
 from pipeline.models.outputs import block_outputs, search_output
 from pipeline.offload import detach_layer_source, layer_source
@@ -290,13 +289,15 @@ def prune_model(
             acc.add(got.float(), search_output(adapter, block, config, chunk, kept))
         check = acc.result(i)
         if merge != "none":
-            plan = plan_layer(adapter, block, config, x, kept, merge, i, token_chunk)
-            merged = copy.deepcopy(new)
-            apply_merge(adapter, merged, kept, plan)
-            loss_pruned, loss_merged = reconstruction_losses(adapter, block, [new, merged], x, loss_batch_sequences)
-            del merged
-            check = replace(check, merge=replace(plan, loss_pruned=loss_pruned, loss_merged=loss_merged))
-            log.info("layer %d: reconstruction loss pruned %.6g, pruned+merged %.6g", i, loss_pruned, loss_merged)
+            plan = merge_layer(
+                adapter, block, new, config, x, kept, merge, i, token_chunk=token_chunk,
+                batch_sequences=loss_batch_sequences,
+            )
+            check = replace(check, merge=plan)
+            log.info(
+                "layer %d: reconstruction loss pruned %.6g, merged %.6g (strength %g; full strength %.6g)",
+                i, plan.loss_pruned, plan.loss_merged, plan.strength, plan.loss_by_strength.get(1.0, float("nan")),
+            )
         del block
         adapter.set_moe_block(layer, new.to(home))
         checks.append(check)
@@ -410,9 +411,12 @@ class ExportReport:
             out["reconstruction_loss/pruned"] = sum(m.loss_pruned or 0.0 for m in merges)
             out["reconstruction_loss/merged"] = sum(m.loss_merged or 0.0 for m in merges)
             out["merge_lowers_loss_layers"] = sum((m.loss_merged or 0.0) < (m.loss_pruned or 0.0) for m in merges)
+            out["reconstruction_loss/merged_full_strength"] = sum(m.loss_by_strength.get(1.0, 0.0) for m in merges)
             for m in merges:
                 out[f"reconstruction_loss/layer_{m.layer}/pruned"] = m.loss_pruned or 0.0
                 out[f"reconstruction_loss/layer_{m.layer}/merged"] = m.loss_merged or 0.0
+                out[f"reconstruction_loss/layer_{m.layer}/merged_full_strength"] = m.loss_by_strength.get(1.0, 0.0)
+                out[f"merge_strength/layer_{m.layer}"] = m.strength
         return out
 
 
@@ -504,19 +508,28 @@ def model_card(
             "",
             f"## Merged experts (method `{merges[0].method}`)",
             "",
-            "Each kept expert's weights are the average of its group's neuron-aligned weights with these weights "
-            "(routing mass on the calibration tokens); `config.json` holds the same map under `merged_experts`. "
-            "Loss: sum over calibration batches of `||Z_b - Z_hat_b||_F`.",
+            "Each dropped expert was folded into one kept expert: the kept expert's weights are the average of its "
+            "group's neuron-aligned weights, weighted by routing mass on the calibration tokens times the layer's "
+            "merge strength (the weights below; kept experts not listed are unchanged). `config.json` holds the "
+            "same map under `merged_experts`.",
             "",
-            "| layer | kept expert | merged from (original id: weight) | loss pruned | loss pruned+merged |",
-            "|---|---|---|---:|---:|",
+            "| layer | kept expert | merged from (original id: weight) |",
+            "|---|---|---|",
         ]
         for m in merges:
             for k, group in m.groups.items():
-                members = ", ".join(f"{e}: {w:.3f}" for e, w in group.items())
-                lines.append(
-                    f"| {m.layer} | {k} | {members} | {m.loss_pruned or 0:.6g} | {m.loss_merged or 0:.6g} |"
-                )
+                if len(group) > 1:
+                    lines.append(f"| {m.layer} | {k} | {', '.join(f'{e}: {w:.3f}' for e, w in group.items())} |")
+        lines += [
+            "",
+            "Reconstruction loss per layer on the calibration tokens (sum over batches of `||Z_b - Z_hat_b||_F`, "
+            "the search's loss):",
+            "",
+            "| layer | merge strength | pruned | pruned + merged | merged at full strength |",
+            "|---|---:|---:|---:|---:|",
+            *(f"| {m.layer} | {m.strength:g} | {m.loss_pruned or 0:.6g} | {m.loss_merged or 0:.6g} | "
+              f"{m.loss_by_strength.get(1.0, float('nan')):.6g} |" for m in merges),
+        ]
     lines += [
         "",
         "## Loading",
@@ -638,7 +651,8 @@ def export_pruned(
             MERGING_KEY,
             {
                 "method": merge,
-                "weights": "routing mass on the calibration tokens, normalised per kept expert",
+                "weights": "routing mass on the calibration tokens, normalised per kept expert, times the merge strength",
+                "strength": {str(m.layer): m.strength for m in merges},
                 "neuron_alignment": "linear assignment on the neurons' weights",
                 "loss_pruned": sum(m.loss_pruned or 0.0 for m in merges),
                 "loss_merged": sum(m.loss_merged or 0.0 for m in merges),

@@ -13,14 +13,21 @@ tokens in the original model) and ``P_e`` permutes ``e``'s intermediate neurons 
 ``k``'s row, so the merged checkpoint has the pruned model's layout. Where the group is ``{k}`` the
 expert is unchanged; a group whose experts are identical to ``k`` merges to ``k`` exactly.
 
+The merge strength ``s`` scales the dropped experts' share (``a_k -> 1 - s (1 - a_k)``,
+``a_j -> s a_j``; still non-negative and summing to one): per layer, the strength of
+:data:`STRENGTHS` with the lowest reconstruction loss ``sum_b ||Z_b - Z_hat_b||_F`` on the
+calibration tokens (the search's own loss) is kept, so a merge never raises that loss above pruning
+(``s = 0`` is pruning). The full-strength loss is reported next to it.
+
 Everything here works through the adapter (expert outputs, routing, fused expert tensors and their
 neuron layout), never on model names.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -31,6 +38,8 @@ from pipeline.models.base import MoEAdapter
 
 #: ``export.merge`` values that merge (``none`` does not).
 METHODS = ("output", "router")
+#: Merge strengths tried per layer (0: the pruned expert unchanged; 1: the routing-mass average).
+STRENGTHS = (0.0, 0.125, 0.25, 0.5, 0.75, 1.0)
 
 
 @dataclass(frozen=True)
@@ -41,7 +50,8 @@ class LayerMerge:
     included; weights are non-negative and sum to one); ``assignment[j]`` is the kept expert a
     dropped expert ``j`` went to, with ``similarity[j]`` its score; ``mass`` is every original
     expert's routing mass. ``loss_pruned`` / ``loss_merged``: ``sum_b ||Z_b - Z_hat_b||_F`` of the
-    pruned and of the merged block on the calibration tokens (None when not measured).
+    pruned and of the merged block on the calibration tokens (None when not measured); ``strength``
+    the merge strength the groups' weights carry, ``loss_by_strength`` the loss at each one tried.
     """
 
     layer: int
@@ -52,6 +62,8 @@ class LayerMerge:
     mass: dict[int, float]
     loss_pruned: float | None = None
     loss_merged: float | None = None
+    strength: float = 1.0
+    loss_by_strength: dict[float, float] = field(default_factory=dict)
     tensors: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False, compare=False)
 
     def record(self) -> dict[str, Any]:
@@ -133,6 +145,14 @@ def assign_dropped(similarity: torch.Tensor, kept: Sequence[int]) -> dict[int, i
         scores = similarity[j].index_select(0, kept_t)
         out[j] = kept[int(torch.argmax(scores))]
     return out
+
+
+def scaled_groups(groups: Mapping[int, Mapping[int, float]], strength: float) -> dict[int, dict[int, float]]:
+    """Groups at merge ``strength``: the dropped experts' weights times ``strength``, the kept expert's the rest."""
+    return {
+        k: {e: (1.0 - strength * (1.0 - w) if e == k else strength * w) for e, w in group.items()}
+        for k, group in groups.items()
+    }
 
 
 def merge_weights(mass: torch.Tensor, assignment: Mapping[int, int], kept: Sequence[int]) -> dict[int, dict[int, float]]:
@@ -257,11 +277,7 @@ def plan_layer(
     similarity = expert_similarity(adapter, block, x, method, token_chunk)
     assignment = assign_dropped(similarity, kept)
     groups = merge_weights(mass, assignment, kept)
-    merged = {
-        k: {name: t.cpu() for name, t in merged_expert(adapter, tensors, k, group).items()}
-        for k, group in groups.items()
-        if len(group) > 1
-    }
+    merged = _merged_tensors(adapter, tensors, groups)
     return LayerMerge(
         layer=layer,
         method=method,
@@ -270,6 +286,61 @@ def plan_layer(
         similarity={j: float(similarity[j, k]) for j, k in assignment.items()},
         mass={e: float(m) for e, m in enumerate(mass.tolist())},
         tensors=merged,
+    )
+
+
+def _merged_tensors(
+    adapter: MoEAdapter, tensors: Mapping[str, torch.Tensor], groups: Mapping[int, Mapping[int, float]]
+) -> dict[int, dict[str, torch.Tensor]]:
+    return {
+        k: {name: t.cpu() for name, t in merged_expert(adapter, tensors, k, group).items()}
+        for k, group in groups.items()
+        if len(group) > 1
+    }
+
+
+@torch.no_grad()
+def merge_layer(
+    adapter: MoEAdapter,
+    block: nn.Module,
+    pruned: nn.Module,
+    config: Any,
+    x: torch.Tensor,
+    kept: Sequence[int],
+    method: str,
+    layer: int,
+    *,
+    token_chunk: int = 8192,
+    batch_sequences: int = 1,
+    strengths: Sequence[float] = STRENGTHS,
+) -> LayerMerge:
+    """:func:`plan_layer`, then the merge strength with the lowest reconstruction loss (ties: the weakest).
+
+    ``pruned`` is ``block`` with only ``kept`` (unchanged here); the losses are measured on ``x``
+    with ``batch_sequences`` sequences per batch against ``block``'s own output.
+    """
+    plan = plan_layer(adapter, block, config, x, kept, method, layer, token_chunk)
+    (loss_pruned,) = reconstruction_losses(adapter, block, [pruned], x, batch_sequences)
+    if not plan.tensors:  # nothing assigned anywhere (r = n)
+        return replace(plan, loss_pruned=loss_pruned, loss_merged=loss_pruned, strength=0.0)
+    tensors = adapter.expert_tensors(block)
+    candidate = copy.deepcopy(pruned)
+    best: tuple[float, float, dict[int, dict[int, float]], dict[int, dict[str, torch.Tensor]]] | None = None
+    losses: dict[float, float] = {}
+    for strength in sorted(strengths):
+        groups = scaled_groups(plan.groups, strength)
+        merged = _merged_tensors(adapter, tensors, groups)
+        apply_merge(adapter, candidate, kept, replace(plan, tensors=merged))
+        (loss,) = reconstruction_losses(adapter, block, [candidate], x, batch_sequences)
+        losses[float(strength)] = loss
+        if best is None or loss < best[0]:
+            best = (loss, float(strength), groups, merged)
+    del candidate
+    assert best is not None
+    loss, strength, groups, merged = best
+    return replace(
+        plan, groups=groups, tensors=merged, strength=strength, loss_pruned=loss_pruned, loss_merged=loss,
+        loss_by_strength=losses,
     )
 
 
@@ -311,11 +382,13 @@ def reconstruction_losses(
 
 __all__ = [
     "METHODS",
+    "STRENGTHS",
     "LayerMerge",
     "align_neurons",
     "apply_merge",
     "assign_dropped",
     "expert_similarity",
+    "merge_layer",
     "merge_weights",
     "merged_expert",
     "neuron_features",
@@ -323,4 +396,5 @@ __all__ = [
     "plan_layer",
     "reconstruction_losses",
     "routing_mass",
+    "scaled_groups",
 ]

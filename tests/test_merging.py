@@ -10,7 +10,15 @@ import torch
 
 from pipeline.errors import PipelineError
 from pipeline.export import Selection, export_pruned
-from pipeline.merging import expert_similarity, merge_weights, permute_neurons, plan_layer, routing_mass
+from pipeline.merging import (
+    STRENGTHS,
+    expert_similarity,
+    merge_weights,
+    permute_neurons,
+    plan_layer,
+    routing_mass,
+    scaled_groups,
+)
 from pipeline.models import get_adapter
 from tests.factory import tiny_model, tiny_tokenizer
 from tests.test_export import MODEL_TYPES, cached_inputs, calibration_ids, load, logits, selection_dict
@@ -69,6 +77,8 @@ def test_merge_weights_follow_routing_mass() -> None:
     groups = merge_weights(mass, {2: 0, 3: 0}, [0, 1])
     assert groups == {0: {0: 0.75, 2: 0.0, 3: 0.25}, 1: {1: 1.0}}
     assert merge_weights(torch.zeros(3, dtype=torch.float64), {2: 1}, [0, 1])[1] == {1: 1.0, 2: 0.0}
+    half = scaled_groups(groups, 0.5)
+    assert half == {0: {0: 0.875, 2: 0.0, 3: 0.125}, 1: {1: 1.0}} and scaled_groups(groups, 1.0) == groups
 
 
 @pytest.mark.parametrize(("model_type", "method"), [("mixtral", "output"), ("mixtral", "router"), ("qwen2_moe", "output"), ("gpt_oss", "router")])
@@ -104,7 +114,7 @@ def test_merging_identical_experts_reproduces_the_unmerged_output(tmp_path: Path
         assert check.merge.loss_merged == check.merge.loss_pruned
         record = config["merged_experts"][str(check.layer)]
         assert set(record) == {"1", "3"} and set(record["1"]) == {"1", "6"} and set(record["3"]) == {"3", "7"}
-        assert f"| {check.layer} | 1 | 1: " in card and ", 6: " in card
+        assert f"| {check.layer} | 1 | 1: " in card and f"| {check.layer} | 3 | 3: " in card and ", 7: " in card
     assert config["merging"]["method"] == method
     assert "merged_experts" not in json.loads((tmp_path / "pruned" / "config.json").read_text())
     metrics = report.metrics()
@@ -119,10 +129,14 @@ def test_merging_changes_distinct_experts_and_reports_both_losses(tmp_path: Path
     selection = Selection.from_dict(selection_dict(model, r=4, seed=2))
     report = export_pruned(model, adapter, selection, tmp_path / "p", inputs=xs.__getitem__, progress=False,
                            merge="output", merged_dir=tmp_path / "m")
-    assert not torch.equal(logits(load(tmp_path / "m"), ids), logits(load(tmp_path / "p"), ids))
+    if any(c.merge.strength > 0 for c in report.checks):
+        assert not torch.equal(logits(load(tmp_path / "m"), ids), logits(load(tmp_path / "p"), ids))
     for check in report.checks:
         m = check.merge
         assert m is not None and m.loss_pruned > 0 and m.loss_merged > 0
+        assert set(m.loss_by_strength) == set(STRENGTHS) and m.loss_by_strength[0.0] == pytest.approx(m.loss_pruned)
+        assert m.loss_merged == min(m.loss_by_strength.values()) <= m.loss_pruned  # never worse than pruning
+        assert m.loss_merged == m.loss_by_strength[m.strength]
         mass = routing_mass(adapter, adapter.moe_block(adapter.decoder_layers(tiny_model())[check.layer]),
                             model.config, xs[check.layer])
         assert m.mass == pytest.approx({e: float(v) for e, v in enumerate(mass.tolist())})
