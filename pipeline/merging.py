@@ -320,7 +320,8 @@ def merge_layer(
     with ``batch_sequences`` sequences per batch against ``block``'s own output.
     """
     plan = plan_layer(adapter, block, config, x, kept, method, layer, token_chunk)
-    (loss_pruned,) = reconstruction_losses(adapter, block, [pruned], x, batch_sequences)
+    reference = reference_outputs(adapter, block, x, token_chunk)  # Z once, for every strength
+    (loss_pruned,) = reconstruction_losses(adapter, block, [pruned], x, batch_sequences, reference, token_chunk)
     if not plan.tensors:  # nothing assigned anywhere (r = n)
         return replace(plan, loss_pruned=loss_pruned, loss_merged=loss_pruned, strength=0.0)
     tensors = adapter.expert_tensors(block)
@@ -331,7 +332,7 @@ def merge_layer(
         groups = scaled_groups(plan.groups, strength)
         merged = _merged_tensors(adapter, tensors, groups)
         apply_merge(adapter, candidate, kept, replace(plan, tensors=merged))
-        (loss,) = reconstruction_losses(adapter, block, [candidate], x, batch_sequences)
+        (loss,) = reconstruction_losses(adapter, block, [candidate], x, batch_sequences, reference, token_chunk)
         losses[float(strength)] = loss
         if best is None or loss < best[0]:
             best = (loss, float(strength), groups, merged)
@@ -354,6 +355,29 @@ def apply_merge(adapter: MoEAdapter, pruned: nn.Module, kept: Sequence[int], mer
             tensors[name][position[k]].copy_(value.to(tensors[name].device, tensors[name].dtype))
 
 
+def _outputs(adapter: MoEAdapter, block: nn.Module, x: torch.Tensor, token_chunk: int) -> torch.Tensor:
+    """``block``'s own output on every token of ``x`` (a token-wise block: computed ``token_chunk`` tokens at a
+    time), float64 on the CPU, shaped like ``x``."""
+    out = [adapter.block_output(block, _on_block(block, xb)).double().cpu() for xb in _token_batches(x, token_chunk)]
+    return torch.cat(out).reshape(x.shape)
+
+
+def _batch_norms(diff: torch.Tensor, batch_sequences: int) -> float:
+    """``sum_b ||diff_b||_F`` with ``b`` = ``batch_sequences`` consecutive sequences (a 2-D ``diff`` is one batch)."""
+    if diff.dim() == 2:
+        return float(torch.linalg.matrix_norm(diff))
+    return sum(
+        float(diff[s : s + batch_sequences].reshape(-1, diff.shape[-1]).norm())
+        for s in range(0, diff.shape[0], batch_sequences)
+    )
+
+
+@torch.no_grad()
+def reference_outputs(adapter: MoEAdapter, reference: nn.Module, x: torch.Tensor, token_chunk: int = 8192) -> torch.Tensor:
+    """``Z``: ``reference``'s own output on every token of ``x`` (float64, CPU, shaped like ``x``)."""
+    return _outputs(adapter, reference, x, token_chunk)
+
+
 @torch.no_grad()
 def reconstruction_losses(
     adapter: MoEAdapter,
@@ -361,23 +385,17 @@ def reconstruction_losses(
     blocks: Sequence[nn.Module],
     x: torch.Tensor,
     batch_sequences: int = 1,
+    outputs: torch.Tensor | None = None,
+    token_chunk: int = 8192,
 ) -> list[float]:
     """``sum_b ||Z_b - Z_hat_b||_F`` of each block in ``blocks`` against ``reference`` (float64 sums).
 
     ``x`` is ``[N, L, d]``; a batch ``b`` is ``batch_sequences`` consecutive sequences (method.md
-    section 2, the search's loss); a 2-D ``x`` is one batch.
+    section 2, the search's loss); a 2-D ``x`` is one batch. ``outputs``: the reference's
+    :func:`reference_outputs`, when already computed.
     """
-    batches = [x.reshape(-1, x.shape[-1])] if x.dim() == 2 else [
-        x[s : s + batch_sequences].reshape(-1, x.shape[-1]) for s in range(0, x.shape[0], batch_sequences)
-    ]
-    losses = [0.0] * len(blocks)
-    for xb in batches:
-        xr = _on_block(reference, xb)
-        z = adapter.block_output(reference, xr).double()
-        for i, block in enumerate(blocks):
-            z_hat = adapter.block_output(block, _on_block(block, xb)).double()
-            losses[i] += float(torch.linalg.matrix_norm(z - z_hat.to(z.device)))
-    return losses
+    z = reference_outputs(adapter, reference, x, token_chunk) if outputs is None else outputs
+    return [_batch_norms(z - _outputs(adapter, block, x, token_chunk), batch_sequences) for block in blocks]
 
 
 __all__ = [
@@ -395,6 +413,7 @@ __all__ = [
     "permute_neurons",
     "plan_layer",
     "reconstruction_losses",
+    "reference_outputs",
     "routing_mass",
     "scaled_groups",
 ]
