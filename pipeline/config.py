@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -19,7 +19,32 @@ from pipeline.search.registry import BASELINE_NAMES, STRATEGY_NAMES
 
 EMBEDDED = "embedded"
 DOMAINS = ("prose", "code", "arith", "data")
-VARIANTS = ("original", "original_skip", "pruned", "pruned_skip")
+
+
+class VariantKind(NamedTuple):
+    """What a benchmark variant runs: which checkpoint, with dynamic skipping, with a lowered top-k."""
+
+    checkpoint: Literal["original", "pruned", "merged"]  # manifest.path | outputs/export/model | outputs/export/merged
+    skip: bool = False  # dynamic expert skipping with the skip stage's thresholds for that checkpoint
+    top_k: int | None = None  # static top-k reduction: experts per token, set in the config at load time
+
+
+#: The one declaration of the benchmark's variant names and what each runs.
+VARIANT_KINDS: dict[str, VariantKind] = {
+    "original": VariantKind("original"),
+    "original_skip": VariantKind("original", skip=True),
+    "pruned": VariantKind("pruned"),
+    "pruned_skip": VariantKind("pruned", skip=True),
+    "pruned_top1": VariantKind("pruned", top_k=1),
+    "merged": VariantKind("merged"),
+    "merged_skip": VariantKind("merged", skip=True),
+}
+VARIANTS = tuple(VARIANT_KINDS)
+#: The default ``benchmark.variants`` (each variant adds about 25 s to the default benchmark).
+DEFAULT_VARIANTS = ("original", "original_skip", "pruned", "pruned_skip")
+VariantName = Literal[VARIANTS]  # type: ignore[valid-type]
+#: ``export.merge`` methods: how each dropped expert is assigned to a kept one (docs/merging.md).
+MERGE_METHODS = ("none", "output", "router")
 
 NonNegInt = Annotated[int, Field(ge=0)]
 PosInt = Annotated[int, Field(ge=1)]
@@ -44,6 +69,14 @@ def validate_r(
         raise PipelineError(f"{key}: must be {bound} the model's {n} experts (got {r})")
     if top_k is not None and r < top_k:
         raise PipelineError(f"{key}: must be at least the model's top_k={top_k} (got {r})")
+
+
+def validate_top_k(k: int, top_k: int | None = None, *, key: str = "export.top_k") -> None:
+    """Raise a one-line PipelineError unless ``k`` experts per token is a reduction of the model's ``top_k``."""
+    if k <= 0:
+        raise PipelineError(f"{key}: must be a positive number of experts per token (got {k})")
+    if top_k is not None and k >= top_k:
+        raise PipelineError(f"{key}: must be below the model's top_k={top_k} (got {k})")
 
 
 def _value_error(check: Any, *args: Any) -> None:
@@ -326,6 +359,19 @@ class ExportParams(Section):
 
     max_shard_size: str = Field("5GB", description="safetensors shard size of the pruned checkpoint")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto keeps the model's dtype")
+    merge: Literal[MERGE_METHODS] = Field(  # type: ignore[valid-type]
+        "none",
+        description=(
+            "none | output | router: also write outputs/export/merged, the pruned model with each dropped expert "
+            "folded into the kept expert with the most similar mean output (output) or router logits (router), "
+            "weights averaged by routing mass after neuron alignment (docs/merging.md)"
+        ),
+    )
+    top_k: PosInt | None = Field(
+        None,
+        description="static top-k reduction: experts per token of the exported checkpoints (below the model's top_k); "
+        "null keeps the model's",
+    )
 
 
 class SkipParams(Section):
@@ -372,8 +418,13 @@ class BenchmarkParams(Section):
         description="at most this many documents per task (e.g. to try a large model quickly); null = all",
     )
     batch_size: PosInt = Field(16, description="lm-eval batch size for log-likelihood requests")
-    variants: list[Literal["original", "original_skip", "pruned", "pruned_skip"]] = Field(
-        default_factory=lambda: list(VARIANTS), min_length=1
+    variants: list[VariantName] = Field(
+        default_factory=lambda: list(DEFAULT_VARIANTS),
+        min_length=1,
+        description=(
+            "original | original_skip | pruned | pruned_skip | pruned_top1 (top-1 routing) | merged | merged_skip "
+            "(merged needs export.merge)"
+        ),
     )
     backend: Literal["hf", "vllm"] = Field(
         "hf",
@@ -423,6 +474,8 @@ class Params(Section):
         if self.model.source == EMBEDDED:
             emb = self.model.embedded
             _value_error(validate_r, self.search.r, emb.num_experts, emb.top_k)
+            if self.export.top_k is not None:
+                _value_error(validate_top_k, self.export.top_k, emb.top_k)
             for name, cs in self.calibration.sets.items():
                 if cs.seq_len > emb.max_position_embeddings:
                     raise ValueError(
@@ -453,7 +506,7 @@ def _format_error(err: dict[str, Any]) -> str:
     if kind == "missing":
         return f"{loc}: required key is missing"
     msg = msg.removeprefix("Value error, ")
-    if msg.startswith(("search.", "skip.", "calibration.")) and kind == "value_error":
+    if msg.startswith(("search.", "skip.", "calibration.", "export.")) and kind == "value_error":
         return msg
     shown = err.get("input")
     got = "" if isinstance(shown, dict | list) else f" (got {shown!r})"

@@ -6,6 +6,10 @@ saved checkpoint sets the config's expert count to ``r``, keeps ``top_k``, and r
 original expert ids (``kept_experts``) and how they were chosen (``pruning``) in ``config.json``;
 it loads with ``AutoModelForCausalLM.from_pretrained`` and no custom code.
 
+Optionally (``merge``) a second checkpoint folds every dropped expert into a kept one
+(:mod:`pipeline.merging`), same layout, recording what went where in ``merged_experts``; and
+``top_k`` lowers the experts per token of both (static top-k reduction, the family's routing rule).
+
 Equivalence check: given each MoE layer's cached inputs ``X``, the pruned block's own forward is
 compared with ``Z_hat(S)`` computed the way the search scores a kept set (the adapter's ``route``
 with ``kept`` plus the unweighted expert outputs, plus any shared-expert part). A mismatch means
@@ -17,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +31,8 @@ from tqdm.auto import tqdm
 
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_dir, dumps_json, read_json, sha256_bytes
+from pipeline.merging import METHODS as MERGE_METHODS
+from pipeline.merging import LayerMerge, apply_merge, merge_layer
 from pipeline.models.base import MoEAdapter
 from pipeline.models.outputs import block_outputs, search_output
 from pipeline.offload import detach_layer_source, layer_source
@@ -36,6 +42,9 @@ log = logging.getLogger(__name__)
 #: Config keys the export adds to ``config.json``.
 KEPT_KEY = "kept_experts"
 PRUNING_KEY = "pruning"
+#: Config keys of the merged checkpoint: ``{"<layer>": {"<kept id>": {"<original id>": weight}}}`` and how.
+MERGED_KEY = "merged_experts"
+MERGING_KEY = "merging"
 
 #: Relative Frobenius error allowed between the exported block and ``Z_hat(S)``, per dtype.
 TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
@@ -58,6 +67,7 @@ class Selection:
     baselines: dict[int, dict[str, Any]] = field(default_factory=dict)
     sha256: str = ""
     origin: str = "selection"
+    loss_batch_size: int = 1
 
     @classmethod
     def from_dict(cls, data: Any, origin: str = "selection", sha256: str | None = None) -> Selection:
@@ -106,6 +116,7 @@ class Selection:
             baselines=baselines,
             sha256=sha256,
             origin=origin,
+            loss_batch_size=int(data.get("loss_batch_size") or 1),
         )
 
     @classmethod
@@ -192,6 +203,7 @@ class LayerCheck:
     tokens: int
     rel_error: float
     max_abs_error: float
+    merge: LayerMerge | None = None
 
 
 class _ErrorAccumulator:
@@ -230,6 +242,8 @@ def prune_model(
     token_chunk: int = 8192,
     source_fingerprint: str | None = None,
     progress: bool = True,
+    merge: str = "none",
+    loss_batch_sequences: int = 1,
 ) -> list[LayerCheck]:
     """Remove the experts ``selection`` drops, in place, and record the selection in the config.
 
@@ -239,8 +253,14 @@ def prune_model(
     model may be left partly pruned; discard it. Returns the per-layer checks. A model loaded with
     its layers left in the checkpoint (``pipeline.offload``) has them read one at a time and kept,
     pruned, so the whole original model is never in memory.
+
+    ``merge`` (a :data:`pipeline.merging.METHODS` name) also plans, per layer, how the dropped experts
+    fold into the kept ones (on the cached inputs, which it needs) and measures the reconstruction
+    loss of the pruned and of the merged block (``loss_batch_sequences`` sequences per batch); the
+    plan is each check's ``merge``, applied later by :func:`apply_merges`. The model stays pruned only.
     """
     validate_for_model(selection, model, adapter, source_fingerprint)
+    _check_merge(merge, inputs)
     config = model.config
     pruned_config = adapter.pruned_config(config, selection.r)
     layers = adapter.decoder_layers(model)
@@ -267,9 +287,19 @@ def prune_model(
         acc = _ErrorAccumulator()
         for chunk, got in block_outputs(adapter, new, x, token_chunk):
             acc.add(got.float(), search_output(adapter, block, config, chunk, kept))
+        check = acc.result(i)
+        if merge != "none":
+            plan = merge_layer(
+                adapter, block, new, config, x, kept, merge, i, token_chunk=token_chunk,
+                batch_sequences=loss_batch_sequences,
+            )
+            check = replace(check, merge=plan)
+            log.info(
+                "layer %d: reconstruction loss pruned %.6g, merged %.6g (strength %g; full strength %.6g)",
+                i, plan.loss_pruned, plan.loss_merged, plan.strength, plan.loss_by_strength.get(1.0, float("nan")),
+            )
         del block
         adapter.set_moe_block(layer, new.to(home))
-        check = acc.result(i)
         checks.append(check)
         log.info("layer %d: export vs Z_hat(S): relative error %.3g, max abs %.3g", i, check.rel_error, check.max_abs_error)
         if not check.rel_error <= tol:
@@ -299,6 +329,44 @@ def prune_model(
     return checks
 
 
+def _check_merge(merge: str, inputs: Callable[[int], torch.Tensor] | None) -> None:
+    if merge != "none" and merge not in MERGE_METHODS:
+        raise PipelineError(f"export.merge: unknown method {merge!r} (allowed: none, {', '.join(MERGE_METHODS)})")
+    if merge != "none" and inputs is None:
+        raise PipelineError("export.merge: merging needs the cached calibration activations (outputs/activations)")
+
+
+@torch.no_grad()
+def apply_merges(model: nn.Module, adapter: MoEAdapter, selection: Selection, checks: Sequence[LayerCheck]) -> dict[str, Any]:
+    """Fold the dropped experts into the kept ones of the pruned ``model``, in place, as ``checks`` planned.
+
+    Records the groups in the config (``merged_experts``) and returns that record.
+    """
+    layers = adapter.decoder_layers(model)
+    record: dict[str, Any] = {}
+    for check in checks:
+        if check.merge is None:
+            continue
+        block = adapter.moe_block(layers[check.layer])
+        apply_merge(adapter, block, selection.kept[check.layer], check.merge)
+        record[str(check.layer)] = check.merge.record()
+    setattr(model.config, MERGED_KEY, record)
+    return record
+
+
+def apply_top_k(model: nn.Module, adapter: MoEAdapter, top_k: int) -> None:
+    """Lower the experts per token in ``model``'s config (static top-k reduction; takes effect when saved and loaded)."""
+    config = model.config
+    original = adapter.top_k(config)
+    updates = adapter.top_k_updates(config, top_k)
+    text = adapter.text_config(config)
+    for key, value in updates.items():
+        setattr(text, key, value)
+    pruning = dict(getattr(config, PRUNING_KEY, None) or {})
+    pruning["static_top_k"] = {"top_k": top_k, "original_top_k": original}
+    setattr(config, PRUNING_KEY, pruning)
+
+
 # -- sizes, model card, saving ---------------------------------------------------------------------
 def parameter_stats(model: nn.Module) -> tuple[int, int]:
     """``(parameters, bytes)`` of the model's weights (tied weights counted once)."""
@@ -320,6 +388,7 @@ class ExportReport:
     checks: list[LayerCheck]
     files: list[str]
     disk_bytes: int
+    merged_files: list[str] = field(default_factory=list)
 
     def metrics(self) -> dict[str, float]:
         """Flat metrics for MLflow / ``metrics.json``."""
@@ -337,6 +406,17 @@ class ExportReport:
             out["equivalence_max_abs_error"] = max(c.max_abs_error for c in self.checks)
             for c in self.checks:
                 out[f"equivalence_rel_error/layer_{c.layer}"] = c.rel_error
+        merges = [c.merge for c in self.checks if c.merge is not None]
+        if merges:
+            out["reconstruction_loss/pruned"] = sum(m.loss_pruned or 0.0 for m in merges)
+            out["reconstruction_loss/merged"] = sum(m.loss_merged or 0.0 for m in merges)
+            out["merge_lowers_loss_layers"] = sum((m.loss_merged or 0.0) < (m.loss_pruned or 0.0) for m in merges)
+            out["reconstruction_loss/merged_full_strength"] = sum(m.loss_by_strength.get(1.0, 0.0) for m in merges)
+            for m in merges:
+                out[f"reconstruction_loss/layer_{m.layer}/pruned"] = m.loss_pruned or 0.0
+                out[f"reconstruction_loss/layer_{m.layer}/merged"] = m.loss_merged or 0.0
+                out[f"reconstruction_loss/layer_{m.layer}/merged_full_strength"] = m.loss_by_strength.get(1.0, 0.0)
+                out[f"merge_strength/layer_{m.layer}"] = m.strength
         return out
 
 
@@ -359,8 +439,14 @@ def model_card(
     checks: Sequence[LayerCheck] = (),
     model_type: str = "",
     source_fingerprint: str | None = None,
+    top_k: int | None = None,
+    merged: bool = False,
 ) -> str:
-    """README.md of the exported checkpoint: what was removed, the losses, how it was made and loaded."""
+    """README.md of the exported checkpoint: what was removed, the losses, how it was made and loaded.
+
+    ``top_k``: the lowered experts per token (static top-k reduction), if any; ``merged``: the card of
+    the merged checkpoint, with a table of what was merged into what (from each check's ``merge``).
+    """
     n, r = selection.num_experts, selection.r
     baseline_names = sorted({name for b in selection.baselines.values() for name in b})
     check_by_layer = {c.layer: c for c in checks}
@@ -370,12 +456,16 @@ def model_card(
         "tags: [mixture-of-experts, expert-pruning]",
         "---",
         "",
-        f"# {Path(source).name or source}: {r} of {n} experts per MoE layer",
+        f"# {Path(source).name or source}: {r} of {n} experts per MoE layer" + (", merged" if merged else ""),
         "",
         f"Expert-pruned version of `{source}`{f' ({model_type})' if model_type else ''}: every MoE layer keeps "
-        f"{r} of its {n} routed experts (top-{selection.top_k} routing unchanged), chosen to minimise the "
-        "reconstruction loss of the layer's output on calibration data (Lu et al., 2024, *Not All Experts are "
-        "Equal*).",
+        f"{r} of its {n} routed experts ("
+        + (f"top-{top_k} routing instead of the original top-{selection.top_k}: static top-k reduction"
+           if top_k is not None else f"top-{selection.top_k} routing unchanged")
+        + "), chosen to minimise the reconstruction loss of the layer's output on calibration data (Lu et al., "
+        "2024, *Not All Experts are Equal*)."
+        + (" Each dropped expert is merged into a kept expert (weights averaged by routing mass after neuron "
+           "alignment; table below)." if merged else ""),
         "",
         "## How it was made",
         "",
@@ -412,6 +502,34 @@ def model_card(
             c = check_by_layer.get(layer)
             row += f" {'' if c is None else f'{c.rel_error:.2e}'} |"
         lines.append(row)
+    merges = [c.merge for c in checks if c.merge is not None] if merged else []
+    if merges:
+        lines += [
+            "",
+            f"## Merged experts (method `{merges[0].method}`)",
+            "",
+            "Each dropped expert was folded into one kept expert: the kept expert's weights are the average of its "
+            "group's neuron-aligned weights, weighted by routing mass on the calibration tokens times the layer's "
+            "merge strength (the weights below; kept experts not listed are unchanged). `config.json` holds the "
+            "same map under `merged_experts`.",
+            "",
+            "| layer | kept expert | merged from (original id: weight) |",
+            "|---|---|---|",
+        ]
+        for m in merges:
+            for k, group in m.groups.items():
+                if len(group) > 1:
+                    lines.append(f"| {m.layer} | {k} | {', '.join(f'{e}: {w:.3f}' for e, w in group.items())} |")
+        lines += [
+            "",
+            "Reconstruction loss per layer on the calibration tokens (sum over batches of `||Z_b - Z_hat_b||_F`, "
+            "the search's loss):",
+            "",
+            "| layer | merge strength | pruned | pruned + merged | merged at full strength |",
+            "|---|---:|---:|---:|---:|",
+            *(f"| {m.layer} | {m.strength:g} | {m.loss_pruned or 0:.6g} | {m.loss_merged or 0:.6g} | "
+              f"{m.loss_by_strength.get(1.0, float('nan')):.6g} |" for m in merges),
+        ]
     lines += [
         "",
         "## Loading",
@@ -477,13 +595,24 @@ def export_pruned(
     device: torch.device | str | None = None,
     tolerance: float | None = None,
     progress: bool = True,
+    merge: str = "none",
+    merged_dir: str | Path | None = None,
+    top_k: int | None = None,
+    loss_batch_sequences: int = 1,
 ) -> ExportReport:
     """Validate ``selection``, prune ``model`` in place, check it on ``inputs``, save it to ``out_dir``.
 
     ``out_dir`` is written atomically (a directory already there, complete or half-written by a
-    crash, is replaced as a whole; on error it is left untouched).
+    crash, is replaced as a whole; on error it is left untouched). With ``merge`` (a
+    :data:`pipeline.merging.METHODS` name; needs ``inputs``) the merged model is then saved to
+    ``merged_dir`` the same way. ``top_k`` lowers the experts per token of both checkpoints.
     """
     validate_for_model(selection, model, adapter, source_fingerprint)
+    _check_merge(merge, inputs)
+    if merge != "none" and merged_dir is None:
+        raise PipelineError("export.merge: no directory given for the merged checkpoint")
+    if top_k is not None:
+        adapter.top_k_updates(model.config, top_k)  # a bad top_k stops here, before any work
     params_before, bytes_before = parameter_stats(model)
     checks = prune_model(
         model,
@@ -494,10 +623,13 @@ def export_pruned(
         tolerance=tolerance,
         source_fingerprint=source_fingerprint,
         progress=progress,
+        merge=merge,
+        loss_batch_sequences=loss_batch_sequences,
     )
+    if top_k is not None:
+        apply_top_k(model, adapter, top_k)
     params_after, bytes_after = parameter_stats(model)
-    card = model_card(
-        selection,
+    card_args: dict[str, Any] = dict(
         source=source or str(getattr(model.config, "_name_or_path", "") or "model"),
         params_before=params_before,
         params_after=params_after,
@@ -506,8 +638,31 @@ def export_pruned(
         checks=checks,
         model_type=str(getattr(model.config, "model_type", "")),
         source_fingerprint=source_fingerprint,
+        top_k=top_k,
     )
+    card = model_card(selection, **card_args)
     files = save_checkpoint(model, out_dir, tokenizer=tokenizer, max_shard_size=max_shard_size, card=card)
+    merged_files: list[str] = []
+    if merge != "none" and merged_dir is not None:
+        apply_merges(model, adapter, selection, checks)
+        merges = [c.merge for c in checks if c.merge is not None]
+        setattr(
+            model.config,
+            MERGING_KEY,
+            {
+                "method": merge,
+                "weights": "routing mass on the calibration tokens, normalised per kept expert, times the merge strength",
+                "strength": {str(m.layer): m.strength for m in merges},
+                "neuron_alignment": "linear assignment on the neurons' weights",
+                "loss_pruned": sum(m.loss_pruned or 0.0 for m in merges),
+                "loss_merged": sum(m.loss_merged or 0.0 for m in merges),
+                "loss_batch_sequences": loss_batch_sequences,
+            },
+        )
+        merged_card = model_card(selection, merged=True, **card_args)
+        merged_files = save_checkpoint(
+            model, merged_dir, tokenizer=tokenizer, max_shard_size=max_shard_size, card=merged_card
+        )
     return ExportReport(
         params_before=params_before,
         params_after=params_after,
@@ -516,12 +671,17 @@ def export_pruned(
         checks=checks,
         files=files,
         disk_bytes=checkpoint_files_bytes(Path(out_dir)),
+        merged_files=merged_files,
     )
 
 
 __all__ = [
     "KEPT_KEY",
+    "MERGED_KEY",
+    "MERGING_KEY",
     "PRUNING_KEY",
+    "apply_merges",
+    "apply_top_k",
     "ExportReport",
     "LayerCheck",
     "Selection",

@@ -39,12 +39,18 @@ def main(ctx: StageContext) -> None:
     selection = read_json(stage_dir("search") / "selection.json", what="pruning selection")
     thresholds_file = stage_dir("skip_calibration") / "thresholds.json"
     names = list(p.variants)
-    if p.backend == "vllm" and any(n.endswith("_skip") for n in names):
+    if p.backend == "vllm" and any(n.endswith("_skip") for n in names):  # pruned_top1 is refused by the runner
         log.warning("benchmark.backend vllm cannot run dynamic expert skipping: skip variants are left out")
         names = [n for n in names if not n.endswith("_skip")]
     thresholds = read_json(thresholds_file, what="skip thresholds") if any(n.endswith("_skip") for n in names) else None
     variants = build_variants(
-        names, manifest.path, stage_dir("export") / "model", thresholds, str(thresholds_file), manifest.moe_layers
+        names,
+        manifest.path,
+        stage_dir("export") / "model",
+        thresholds,
+        str(thresholds_file),
+        manifest.moe_layers,
+        merged=stage_dir("export") / "merged",
     )
     device = resolve_device(rt.device)
     settings = BenchmarkSetup(p, device, resolve_dtype(rt.dtype, device), rt.trust_remote_code)
@@ -52,7 +58,9 @@ def main(ctx: StageContext) -> None:
     metrics = build_metrics(results)
     check_metrics(metrics)
     write_json(ctx.out / "metrics.json", metrics)
-    report_settings = describe_settings(vars(manifest), selection, thresholds, settings)
+    merged_config = stage_dir("export") / "merged" / "config.json"
+    merging = read_json(merged_config, what="merged model config").get("merging") if merged_config.is_file() else None
+    report_settings = describe_settings(vars(manifest), selection, thresholds, settings, merging)
     write_report(metrics, ctx.out / "report.md", report_settings)
     plots = write_plots(metrics, ctx.out / "plots")
 

@@ -1,7 +1,9 @@
 """Stage export: remove the experts the search dropped and save a standard HF checkpoint.
 
 Reads outputs/model/manifest.json, outputs/search/selection.json and outputs/activations (to check
-that the exported blocks compute the search's Z_hat(S)); writes outputs/export/model/.
+that the exported blocks compute the search's Z_hat(S), and to merge); writes outputs/export/model/
+and outputs/export/merged/ (the pruned model with the dropped experts merged in, under
+``export.merge``; else only a README saying so).
 """
 
 from __future__ import annotations
@@ -14,6 +16,10 @@ from pipeline.models import get_adapter
 from pipeline.models.loading import ModelManifest, checkpoint_fingerprint, load_config, load_model, load_tokenizer
 from pipeline.runtime import DTYPES, resolve_device
 from stages.common import StageContext, stage, stage_dir
+
+
+#: outputs/export/merged/README.md when nothing is merged (the folder is a declared output either way).
+NO_MERGE = "# No merged checkpoint\n\n`export.merge` is `none`; set it (docs/merging.md) to write one here.\n"
 
 
 @stage("export")
@@ -51,12 +57,29 @@ def main(ctx: StageContext) -> None:
         max_shard_size=p.export.max_shard_size,
         inputs=cache.load,
         device=device,
+        merge=p.export.merge,
+        merged_dir=ctx.out / "merged",
+        top_k=p.export.top_k,
+        loss_batch_sequences=selection.loss_batch_size,
     )
+    if p.export.merge == "none":
+        (ctx.out / "merged").mkdir()
+        (ctx.out / "merged" / "README.md").write_text(NO_MERGE, encoding="utf-8")
     ctx.log_metrics(report.metrics())
     ctx.run.log_artifact(ctx.out / "model" / "README.md")
     ctx.run.log_artifact(ctx.out / "model" / "config.json")
     ctx.run.log_reference("model", stage_dir("export") / "model")
-    ctx.run.set_tags({"export.selection_sha256": selection.sha256, "export.r": str(selection.r)})
+    ctx.run.set_tags(
+        {
+            "export.selection_sha256": selection.sha256,
+            "export.r": str(selection.r),
+            "export.merge": p.export.merge,
+            "export.top_k": str(p.export.top_k),
+        }
+    )
+    if p.export.merge != "none":
+        ctx.run.log_artifact(ctx.out / "merged" / "README.md", "merged")
+        ctx.run.log_reference("merged", stage_dir("export") / "merged")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""Stage skip_calibration: per-layer skip thresholds for the pruned and the original model.
+"""Stage skip_calibration: per-layer skip thresholds for the pruned, the merged and the original model.
 
-Reads outputs/export/model, outputs/model/manifest.json and the calibration set skip.calibration;
+Reads outputs/export/model (and outputs/export/merged when it holds a checkpoint: export.merge),
+outputs/model/manifest.json and the calibration set skip.calibration;
 writes outputs/skip/thresholds.json and outputs/skip/model/ (the exported checkpoint with
 expert_skip_thresholds in its config, weights hard-linked).
 """
@@ -8,6 +9,7 @@ expert_skip_thresholds in its config, weights hard-linked).
 from __future__ import annotations
 
 import gc
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +19,12 @@ from pipeline.calibration import load_calibration_set
 from pipeline.errors import PipelineError
 from pipeline.io import read_json, write_json
 from pipeline.models import get_adapter
-from pipeline.models.loading import ModelManifest, load_model
+from pipeline.models.loading import ModelManifest, load_config, load_model
 from pipeline.runtime import resolve_device, resolve_dtype
 from pipeline.skipping import RULE, calibrate_thresholds, measure_skipping, write_skip_checkpoint
 from stages.common import StageContext, calibration_dir, stage, stage_dir
+
+log = logging.getLogger("stages.skip_calibration")
 
 
 def calibrate(ctx: StageContext, path: Path, input_ids: torch.Tensor, label: str) -> tuple[dict[int, float], dict[str, Any]]:
@@ -62,19 +66,31 @@ def main(ctx: StageContext) -> None:
             f"{exported}: exported from model {pruning.get('source_fingerprint')}, the model stage's is "
             f"{manifest.fingerprint} (rerun: dvc repro export)"
         )
-    pruned, pruned_summary = calibrate(ctx, exported, input_ids, "pruned")
-    original, original_summary = calibrate(ctx, Path(manifest.path), input_ids, "original")
+    models = {"pruned": exported, "original": Path(manifest.path)}
+    merged = stage_dir("export") / "merged"
+    if (merged / "config.json").is_file():
+        models["merged"] = merged
+    tables: dict[str, Any] = {}
+    summaries: dict[str, Any] = {}
+    for label, path in models.items():
+        config = load_config(path, ctx.params.runtime.trust_remote_code)
+        if get_adapter(config).top_k(config) < 2:
+            log.warning("%s: routes each token to one expert (export.top_k): nothing to skip, thresholds 0", path)
+            tables[label], summaries[label] = {str(i): 0.0 for i in manifest.moe_layers}, {}
+            continue
+        table, summaries[label] = calibrate(ctx, path, input_ids, label)
+        tables[label] = {str(i): b for i, b in table.items()}
     write_json(
         ctx.out / "thresholds.json",
         {
             "quantile": ctx.params.skip.quantile,
             "calibration": name,
             "rule": RULE,
-            "pruned": {str(i): b for i, b in pruned.items()},
-            "original": {str(i): b for i, b in original.items()},
-            "skipped_fraction": {"pruned": pruned_summary, "original": original_summary},
+            **tables,
+            "skipped_fraction": summaries,
         },
     )
+    pruned = {int(i): b for i, b in tables["pruned"].items()}
     write_skip_checkpoint(exported, ctx.out / "model", pruned)
     ctx.run.log_artifact(ctx.out / "thresholds.json")
     ctx.run.log_reference("model", stage_dir("skip_calibration") / "model")

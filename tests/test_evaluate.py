@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import VARIANTS, BenchmarkParams, SpeedParams
+from pipeline.config import DEFAULT_VARIANTS, BenchmarkParams, SpeedParams
 from pipeline.errors import PipelineError
 from pipeline.evaluate import stats
 from pipeline.evaluate.lmeval import (
@@ -493,7 +493,7 @@ def test_report_has_paper_layout_intervals_verdicts_and_plots(tmp_path):
 
 
 def test_skip_variants_evaluate_and_count_fewer_experts(tmp_path):
-    """All four variants through the runner."""
+    """The four default variants and static top-1 through the runner."""
     from pipeline.evaluate.runner import (
         BenchmarkSetup,
         build_variants,
@@ -504,12 +504,14 @@ def test_skip_variants_evaluate_and_count_fewer_experts(tmp_path):
     pruned = save_tiny_checkpoint(tmp_path / "pruned", seed=0, num_experts=6)
     eval_dir = write_eval_data(tmp_path / "eval", mc_items=3, ppl_docs=1)
     layers = {str(i): 0.9 for i in range(2)}
-    variants = build_variants(list(VARIANTS), original, pruned, {"original": layers, "pruned": layers})
-    assert [(v.name, v.pruned, v.skip) for v in variants] == [
-        ("original", False, False),
-        ("original_skip", False, True),
-        ("pruned", True, False),
-        ("pruned_skip", True, True),
+    names = [*DEFAULT_VARIANTS, "pruned_top1"]
+    variants = build_variants(names, original, pruned, {"original": layers, "pruned": layers})
+    assert [(v.name, v.pruned, v.skip, v.top_k) for v in variants] == [
+        ("original", False, False, None),
+        ("original_skip", False, True, None),
+        ("pruned", True, False, None),
+        ("pruned_skip", True, True, None),
+        ("pruned_top1", True, False, 1),
     ]
     speed = SpeedParams(prompts=2, new_tokens=4, repeats=1, warmup=0)
     params = BenchmarkParams(tasks=["embedded"], batch_size=4, speed=speed)
@@ -520,6 +522,8 @@ def test_skip_variants_evaluate_and_count_fewer_experts(tmp_path):
         assert results[f"{name}_skip"].expert_evals_per_token < 2.0
         assert results[f"{name}_skip"].weight_bytes == results[name].weight_bytes
     assert results["pruned"].weight_bytes < results["original"].weight_bytes
+    assert results["pruned_top1"].expert_evals_per_token == pytest.approx(1.0)  # static top-1: every token, one expert
+    assert results["pruned_top1"].weight_bytes == results["pruned"].weight_bytes
     assert set(results["original_skip"].tasks) == set(results["original"].tasks)
     for name, r in results.items():  # per-document scores kept for the paired comparisons
         assert len(r.tokens_per_s_runs) == 1 and set(r.items) == set(r.tasks)
@@ -533,6 +537,14 @@ def test_build_variants_errors(tmp_path):
         build_variants(["pruned_skip"], tmp_path, tmp_path, {"original": {"0": 0.5}})
     variants = build_variants(["original", "pruned"], tmp_path / "a", tmp_path / "b", None)
     assert [v.checkpoint.name for v in variants] == ["a", "b"] and not any(v.skip for v in variants)
+    (tmp_path / "merged").mkdir()  # export.merge none: the folder holds only a README
+    with pytest.raises(PipelineError, match=r"^benchmark.variants: merged needs the merged checkpoint \(set export.merge"):
+        build_variants(["merged"], tmp_path, tmp_path, None, merged=tmp_path / "merged")
+    (tmp_path / "merged" / "config.json").write_text("{}")
+    with pytest.raises(PipelineError, match=r"thresholds.json: no 'merged' thresholds for variant merged_skip"):
+        build_variants(["merged_skip"], tmp_path, tmp_path, {"pruned": {"0": 0.5}}, merged=tmp_path / "merged")
+    (merged,) = build_variants(["merged"], tmp_path, tmp_path / "b", None, merged=tmp_path / "merged")
+    assert merged.checkpoint.name == "merged" and merged.merged and merged.pruned and not merged.skip
 
 
 def _fake_upstream(root: Path, override: dict) -> None:

@@ -46,15 +46,18 @@ def test_skip_calibration_stage(tmp_path: Path) -> None:
     adapter = get_adapter(model.config)
     selection = Selection.from_dict(selection_dict(model, r=6, model_fingerprint=manifest["fingerprint"]))
     fingerprint = manifest["fingerprint"]
-    export_pruned(model, adapter, selection, out / "export" / "model", source_fingerprint=fingerprint, progress=False)
+    ids = load_calibration_set(out / "calibration" / "general", "general").input_ids
+    export_pruned(model, adapter, selection, out / "export" / "model", source_fingerprint=fingerprint, progress=False,
+                  inputs=cached_inputs(load_model(out / "model" / "checkpoint"), ids).__getitem__, merge="output",
+                  merged_dir=out / "export" / "merged")
     write_run_records(project, "export")
 
     result = run_stage(project, "skip_calibration")
     assert result.returncode == 0, result.stderr[-3000:]
     thresholds = json.loads((out / "skip" / "thresholds.json").read_text())
-    assert set(thresholds["pruned"]) == set(thresholds["original"]) == {"0", "1"}
+    assert set(thresholds["pruned"]) == set(thresholds["original"]) == set(thresholds["merged"]) == {"0", "1"}
     assert thresholds["quantile"] == 0.5 and thresholds["calibration"] == "general"
-    for variant in ("pruned", "original"):
+    for variant in ("pruned", "original", "merged"):
         assert abs(thresholds["skipped_fraction"][variant]["layers"]["0"] - 0.5) <= 1 / 256
         assert abs(thresholds["skipped_fraction"][variant]["second_expert"] - 0.5) <= 0.05
     config = json.loads((out / "skip" / "model" / "config.json").read_text())
@@ -118,6 +121,24 @@ def test_export_stage(tmp_path: Path) -> None:
     assert metrics["equivalence_max_rel_error"] < 1e-5
     assert len(list((out / "export" / "model").glob("*.safetensors"))) > 1
     assert json.loads((out / "export" / "model" / "config.json").read_text())["num_local_experts"] == 6
+    assert not (out / "export" / "merged" / "config.json").exists()  # export.merge none: a README only
+    assert "export.merge" in (out / "export" / "merged" / "README.md").read_text()
+
+    # merging on, top-2 -> top-1: both checkpoints, the per-layer losses in the metrics
+    params = read_params(project)
+    params["export"].update(merge="router", top_k=1)
+    set_params(project, params)
+    result = run_stage(project, "export")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "export" / "metrics.json").read_text())
+    for layer in (0, 1):
+        assert metrics[f"reconstruction_loss/layer_{layer}/merged"] > 0
+        assert metrics[f"reconstruction_loss/layer_{layer}/pruned"] > 0
+    merged = json.loads((out / "export" / "merged" / "config.json").read_text())
+    assert set(merged["merged_experts"]) == {"0", "1"} and merged["merging"]["method"] == "router"
+    assert merged["num_experts_per_tok"] == 1 and merged["num_local_experts"] == 6
+    params["export"].update(merge="none", top_k=None)
+    set_params(project, params)
 
     data["model_fingerprint"] = "0000000000000000"
     write_json(out / "search" / "selection.json", data)

@@ -739,7 +739,7 @@ def write_plots(metrics: Mapping[str, Any], directory: str | Path) -> list[Path]
 def _variant_style(variant: str) -> dict[str, str]:
     """One colour per model (original, pruned, ...), shared by its ``_skip`` variant."""
     base = variant.removesuffix("_skip")
-    palette = {"original": "tab:blue", "pruned": "tab:orange"}
+    palette = {"original": "tab:blue", "pruned": "tab:orange", "merged": "tab:green", "pruned_top1": "tab:red"}
     return {"color": palette.get(base, "tab:green")}
 
 

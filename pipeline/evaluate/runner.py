@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from pipeline.config import BenchmarkParams
+from pipeline.config import VARIANT_KINDS, BenchmarkParams
 from pipeline.errors import PipelineError
 from pipeline.evaluate.lmeval import Evaluation, evaluate_checkpoint_vllm, evaluate_model, task_metrics
 from pipeline.evaluate.memory import PeakMemory, weight_bytes
@@ -35,12 +35,20 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Variant:
-    """A model variant: where its weights are, and its skip thresholds (None: no skipping)."""
+    """A model variant: where its weights are, its skip thresholds (None: no skipping), and its static
+    top-k (None: the checkpoint's experts per token)."""
 
     name: str
     checkpoint: Path
     thresholds: Mapping[str, float] | None = None
     pruned: bool = False
+    top_k: int | None = None
+    merged: bool = False
+
+    @property
+    def load_key(self) -> tuple[Path, int | None]:
+        """Variants with the same key share one loaded model."""
+        return Path(self.checkpoint), self.top_k
 
     @property
     def skip(self) -> bool:
@@ -96,8 +104,8 @@ class ModelLoader:
     def __init__(self, settings: BenchmarkSetup) -> None:
         self.settings = settings
 
-    def model(self, path: Path) -> Any:
-        """The causal LM at ``path``, eager experts, in eval mode."""
+    def model(self, path: Path, top_k: int | None = None) -> Any:
+        """The causal LM at ``path`` (routing ``top_k`` experts per token when given), in eval mode."""
         from pipeline.models.loading import load_model
 
         s = self.settings
@@ -108,6 +116,7 @@ class ModelLoader:
             trust_remote_code=s.trust_remote_code,
             device_map=s.params.device_map,
             experts_implementation=s.params.experts_implementation,
+            top_k=top_k,
         )
 
     def tokenizer(self, path: Path) -> Any:
@@ -117,10 +126,10 @@ class ModelLoader:
         return load_tokenizer(path, self.settings.trust_remote_code)
 
 
-def _by_checkpoint(variants: Sequence[Variant]) -> dict[Path, list[Variant]]:
-    groups: dict[Path, list[Variant]] = {}
+def _by_checkpoint(variants: Sequence[Variant]) -> dict[tuple[Path, int | None], list[Variant]]:
+    groups: dict[tuple[Path, int | None], list[Variant]] = {}
     for v in variants:
-        groups.setdefault(Path(v.checkpoint), []).append(v)
+        groups.setdefault(v.load_key, []).append(v)
     return groups
 
 
@@ -173,12 +182,13 @@ def run_accuracy(
     out: dict[str, VariantResult] = {}
     names, num_fewshot = expand_presets(settings.params.tasks, settings.params.num_fewshot)
     with select_tasks(names, eval_dir) as selection:
-        for path, group in _by_checkpoint(variants).items():
+        for (path, top_k), group in _by_checkpoint(variants).items():
             if settings.params.backend == "vllm":
                 for v in group:
-                    if v.skip:
+                    if v.skip or v.top_k is not None:
                         raise PipelineError(
-                            f"benchmark.variants: {v.name} needs dynamic skipping, which the vllm backend cannot run"
+                            f"benchmark.variants: {v.name} changes the routing at load time, which the vllm backend "
+                            "cannot do"
                         )
                     evaluation = evaluate_checkpoint_vllm(
                         path,
@@ -198,7 +208,7 @@ def run_accuracy(
                         items=evaluation.items,
                     )
                 continue
-            model = loader.model(path)
+            model = loader.model(path, top_k)
             tokenizer = loader.tokenizer(path)
             wbytes, experts = weight_bytes(model), _experts_per_layer(model)
             for v in group:
@@ -245,15 +255,15 @@ def run_speed(
     Returns the speed results, weight bytes and experts per layer of each variant.
     """
     loader = loader or ModelLoader(settings)
-    models: dict[Path, Any] = {}
+    models: dict[tuple[Path, int | None], Any] = {}
     cases: list[SpeedCase] = []
     wbytes: dict[str, int] = {}
     experts: dict[str, int | None] = {}
     prompts: list[torch.Tensor] | None = None
     sp = settings.params.speed
     try:
-        for path, group in _by_checkpoint(variants).items():
-            model = models[path] = loader.model(path)
+        for (path, top_k), group in _by_checkpoint(variants).items():
+            model = models[path, top_k] = loader.model(path, top_k)
             if prompts is None:
                 limit = getattr(model.config, "max_position_embeddings", None) or 2048
                 prompts = encode_prompts(loader.tokenizer(path), texts, sp.prompts, min(limit - sp.new_tokens, 1024))
@@ -345,15 +355,6 @@ def run_benchmark(
     return out
 
 
-#: Variant name -> (uses the pruned checkpoint, dynamic skipping on).
-VARIANT_KINDS = {
-    "original": (False, False),
-    "original_skip": (False, True),
-    "pruned": (True, False),
-    "pruned_skip": (True, True),
-}
-
-
 def build_variants(
     names: Sequence[str],
     original: Path,
@@ -361,24 +362,33 @@ def build_variants(
     thresholds: Mapping[str, Any] | None,
     thresholds_file: str = "outputs/skip/thresholds.json",
     moe_layers: Sequence[int] | None = None,
+    merged: Path | None = None,
 ) -> list[Variant]:
-    """Variants by name (``original``, ``original_skip``, ``pruned``, ``pruned_skip``).
+    """Variants by name (:data:`pipeline.config.VARIANT_KINDS`: ``original``, ``pruned``, ``merged``, their
+    ``_skip`` forms, ``pruned_top1``).
 
     ``thresholds`` is the skip stage's thresholds document (``{"original": {layer: beta},
-    "pruned": {...}}``); skip variants take their model's entry, which must cover exactly
-    ``moe_layers`` (the model's MoE layers, when given).
+    "pruned": {...}, "merged": {...}}``); skip variants take their model's entry, which must cover exactly
+    ``moe_layers`` (the model's MoE layers, when given). ``merged`` is the merged checkpoint
+    (``outputs/export/merged``), which exists only under ``export.merge``.
     """
     out = []
+    checkpoints = {"original": original, "pruned": pruned, "merged": merged}
     for name in names:
         if name not in VARIANT_KINDS:
             raise PipelineError(f"benchmark.variants: unknown variant {name!r} (allowed: {', '.join(VARIANT_KINDS)})")
-        is_pruned, skip = VARIANT_KINDS[name]
-        path = pruned if is_pruned else original
+        kind = VARIANT_KINDS[name]
+        path = checkpoints[kind.checkpoint]
+        if kind.checkpoint == "merged" and (path is None or not (Path(path) / "config.json").is_file()):
+            raise PipelineError(
+                f"benchmark.variants: {name} needs the merged checkpoint (set export.merge, then: dvc repro export)"
+            )
         if path is None:
             raise PipelineError(f"benchmark.variants: {name} needs the pruned checkpoint (run: dvc repro export)")
         table = None
+        skip = kind.skip
         if skip:
-            key = "pruned" if is_pruned else "original"
+            key = kind.checkpoint
             table = (thresholds or {}).get(key)
             if not isinstance(table, Mapping) or not table:
                 raise PipelineError(
@@ -390,7 +400,16 @@ def build_variants(
                     f"{thresholds_file}: the {key!r} thresholds cover layers {', '.join(sorted(map(str, table)))}; the "
                     f"model's MoE layers are {', '.join(map(str, sorted(moe_layers)))} (run: dvc repro skip_calibration)"
                 )
-        out.append(Variant(name=name, checkpoint=Path(path), thresholds=table, pruned=is_pruned))
+        out.append(
+            Variant(
+                name=name,
+                checkpoint=Path(path),
+                thresholds=table,
+                pruned=kind.checkpoint != "original",
+                top_k=kind.top_k,
+                merged=kind.checkpoint == "merged",
+            )
+        )
     return out
 
 
@@ -406,7 +425,9 @@ def variant_params(
     params: dict[str, Any] = {
         "variant": variant.name,
         "pruned": variant.pruned,
+        "merged": variant.merged,
         "skip": variant.skip,
+        "static_top_k": variant.top_k,
         "experts_per_layer": experts_per_layer,
         "model.source": manifest.get("source"),
         "model.model_type": manifest.get("model_type"),
@@ -428,13 +449,26 @@ def describe_settings(
     selection: Mapping[str, Any] | None,
     thresholds: Mapping[str, Any] | None,
     settings: BenchmarkSetup,
+    merging: Mapping[str, Any] | None = None,
 ) -> dict[str, str]:
-    """Human-readable settings for the report: model, pruning, skipping, device and protocol."""
+    """Human-readable settings for the report: model, pruning, merging, skipping, device and protocol.
+
+    ``merging`` is the merged checkpoint's ``merging`` config entry (None: no merged checkpoint).
+    """
     sel, th, sp = selection or {}, thresholds or {}, settings.params.speed
     return {
         "model": f"{manifest.get('source')} ({manifest.get('model_type')}, {manifest.get('num_experts')} experts, "
         f"top-{manifest.get('top_k')})",
         "pruning": f"{sel.get('strategy')} / {sel.get('mode')}, r={sel.get('r')}, calibration {sel.get('calibration')}",
+        "merging": (
+            f"{merging.get('method')} (reconstruction loss {merging.get('loss_pruned'):.6g} pruned, "
+            f"{merging.get('loss_merged'):.6g} merged)"
+            if merging else "-"
+        ),
+        "static top-k": ", ".join(
+            f"{name}: top-{VARIANT_KINDS[name].top_k}" for name in settings.params.variants
+            if VARIANT_KINDS[name].top_k is not None
+        ) or "-",
         "skipping": f"quantile {th.get('quantile')}, calibration {th.get('calibration')}" if thresholds else "-",
         "device / dtype": f"{settings.device} / {str(settings.dtype).removeprefix('torch.')} "
         f"(device_map {settings.params.device_map}), experts implementation {settings.params.experts_implementation}",

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from pipeline.config import validate_r
+from pipeline.config import validate_r, validate_top_k
 from pipeline.errors import PipelineError
 from pipeline.models.routing import RoutingRule
 
@@ -56,6 +56,15 @@ class MoEAdapter:
     #: Whether the router computes its logits in float32 whatever the model dtype (else in the
     #: input dtype, cast to float32 afterwards), so bf16 searches see the logits the model sees.
     router_fp32: ClassVar[bool] = False
+    #: Where the intermediate neurons of one expert lie in each fused experts tensor (leaf name -> ``(axis,
+    #: groups, interleaved)`` of the per-expert slice): ``gate_up_proj [2f, d]`` holds ``groups=2`` blocks
+    #: of ``f`` neurons along axis 0 (gate rows then up rows; ``interleaved``: gate and up alternate).
+    #: Merging permutes these to align experts; a tensor not listed has no neuron axis (e.g. an output bias).
+    neuron_layout: ClassVar[dict[str, tuple[int, int, bool]]] = {
+        "gate_up_proj": (0, 2, False),
+        "up_proj": (0, 1, False),
+        "down_proj": (1, 1, False),
+    }
     #: Facts for the supported-families table (docs/models.md); see :meth:`describe`.
     routing_doc: ClassVar[str] = ""
     renormalized_doc: ClassVar[str] = ""
@@ -84,6 +93,23 @@ class MoEAdapter:
     def config_updates(self, config: Any, r: int) -> dict[str, Any]:
         """Keys of the (text) config to set, and their values, for a model keeping ``r`` experts."""
         return {self.num_experts_key: r}
+
+    def top_k_updates(self, config: Any, k: int) -> dict[str, Any]:
+        """Keys of the (text) config to set, and their values, for a model routing each token to ``k`` experts.
+
+        The model's own router then picks ``k`` experts and weights them by the family's rule
+        (renormalised over the ``k`` when the family renormalises); :meth:`routing_rule` reads the same key.
+        """
+        validate_top_k(k, self.top_k(config))
+        return {self.top_k_key: k}
+
+    def reduced_top_k_config(self, config: Any, k: int) -> Any:
+        """A copy of ``config`` whose tokens are routed to ``k`` experts (static top-k reduction)."""
+        new = copy.deepcopy(config)
+        text = self.text_config(new)
+        for key, value in self.top_k_updates(config, k).items():
+            setattr(text, key, value)
+        return new
 
     def check_r(self, config: Any, r: int) -> None:
         """Raise unless a model with ``config`` can keep ``r`` experts per MoE layer (``top_k <= r <= n``)."""
@@ -283,6 +309,20 @@ class MoEAdapter:
         if not outs:
             return x.new_empty((t, 0, x.shape[-1]))
         return torch.stack(outs, dim=1)
+
+    def expert_tensors(self, block: nn.Module) -> dict[str, torch.Tensor]:
+        """The routed experts' fused weight tensors by leaf name (``gate_up_proj [n, 2f, d]``, ...), expert dim first.
+
+        Returns the parameters themselves: writing into ``tensor[e]`` changes expert ``e``. Empty
+        when the experts are not stored fused (a module list).
+        """
+        module = getattr(block, self.experts_attr)
+        n = self.block_num_experts(block)
+        return {
+            name: param.data
+            for name, param in module.named_parameters(recurse=False)
+            if param.dim() >= 1 and param.shape[0] == n
+        }
 
     def block_output(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The block's own forward on tokens ``x`` ``[T, d]`` -> ``[T, d]``."""

@@ -22,6 +22,11 @@ class GptOssAdapter(MoEAdapter):
     renormalized_doc = "yes (by construction)"
     eager_handles_sentinel = False
     notes_doc = "router bias and expert biases sliced on export"
+    neuron_layout = {  # transposed; gate and up columns alternate (gate_up[..., ::2], gate_up[..., 1::2])
+        "gate_up_proj": (1, 2, True),
+        "gate_up_proj_bias": (0, 2, True),
+        "down_proj": (0, 1, False),
+    }
 
     def routing_rule(self, config: Any) -> RoutingRule:
         """Top-k logits, softmax over them."""

@@ -37,6 +37,12 @@ class HunYuanMoeV1Adapter(MoEAdapter):
             value = value[0]
         return int(value)
 
+    def top_k_updates(self, config: Any, k: int) -> dict[str, Any]:
+        """``moe_topk = k`` (every layer's entry when it is a per-layer list)."""
+        value = getattr(self.text_config(config), self.top_k_key)
+        updates = super().top_k_updates(config, k)
+        return {self.top_k_key: [k] * len(value)} if isinstance(value, list | tuple) else updates
+
     def routing_rule(self, config: Any) -> RoutingRule:
         """Softmax over the experts, top-k, renormalised."""
         return SoftmaxTopK(top_k=self.top_k(config), renormalize=True)

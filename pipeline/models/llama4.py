@@ -37,6 +37,7 @@ class Llama4TextAdapter(MoEAdapter):
     renormalized_doc = "n/a (weights folded into expert outputs)"
     dense_layers_doc = "layers not in `moe_layers`"
     notes_doc = "expert outputs are `E_i(sigmoid(l_i) x)`, weights 1; router transforms may only drop experts"
+    neuron_layout = {"gate_up_proj": (1, 2, False), "down_proj": (0, 1, False)}  # stored transposed: [d, 2f], [f, d]
 
     def routing_rule(self, config: Any) -> RoutingRule:
         """Top-k logits; unit weights (the sigmoid lives in :meth:`expert_outputs`)."""

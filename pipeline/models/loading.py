@@ -167,6 +167,7 @@ def load_model(
     experts_implementation: str | None = None,
     offload: str = "none",
     offload_folder: str | os.PathLike[str] | None = None,
+    top_k: int | None = None,
 ) -> Any:
     """Load a causal LM from a local checkpoint directory, in eval mode.
 
@@ -176,7 +177,9 @@ def load_model(
     layers in the checkpoint, to be read one at a time by the layer stream (``pipeline.offload``;
     everything else is loaded on the CPU), ``auto`` does so when the weights would not fit
     comfortably in RAM, ``none`` loads everything. A checkpoint that cannot be read layer by layer
-    is loaded whole, with a log line saying why.
+    is loaded whole, with a log line saying why. ``top_k`` lowers the experts per token in the config
+    before the model is built (static top-k reduction, the family's routing rule; the adapter's
+    ``reduced_top_k_config``).
     """
     from transformers import AutoModelForCausalLM
 
@@ -185,7 +188,7 @@ def load_model(
         raise PipelineError(f"model checkpoint {path} does not exist or has no config.json")
     if offload not in ("none", "layers", "auto"):
         raise PipelineError(f"runtime.offload: unknown mode {offload!r} (allowed: none, layers, auto)")
-    if device_map is None and offload != "none":
+    if device_map is None and offload != "none" and top_k is None:
         from pipeline.offload import OffloadUnsupported, load_layer_offloaded, should_offload
 
         if should_offload(offload, path, dtype):
@@ -204,6 +207,11 @@ def load_model(
             kwargs["offload_folder"] = str(offload_folder)
     if experts_implementation is not None:
         kwargs["experts_implementation"] = experts_implementation
+    if top_k is not None:
+        from pipeline.models import get_adapter
+
+        config = load_config(path, trust_remote_code)
+        kwargs["config"] = get_adapter(config).reduced_top_k_config(config, top_k)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError) as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from pipeline.errors import PipelineError
 from pipeline.models.base import MoEAdapter
 from pipeline.models.registry import register
 from pipeline.models.routing import RoutingRule, SparseMixer
@@ -30,6 +31,10 @@ class PhimoeAdapter(MoEAdapter):
     def top_k(self, config: Any) -> int:
         """SparseMixer always routes to two experts."""
         return 2
+
+    def top_k_updates(self, config: Any, k: int) -> dict[str, Any]:
+        """SparseMixer's two picks are fixed in the model's code: no static top-k reduction."""
+        raise PipelineError(f"export.top_k: {self.family} always routes to 2 experts (its top-k cannot be lowered)")
 
     def routing_rule(self, config: Any) -> RoutingRule:
         """SparseMixer with the config's ``router_jitter_noise`` as its threshold."""
