@@ -25,6 +25,7 @@ from pipeline.errors import PipelineError
 from pipeline.evaluate.lmeval import ItemScores
 from pipeline.evaluate.report import BASELINE, VariantResult, build_metrics, perplexity_tasks
 from pipeline.search.registry import STRATEGIES
+from pipeline.task_files import task_domain
 
 #: The benchmark variant every grid run evaluates (the pruned export).
 PRUNED = "pruned"
@@ -56,6 +57,8 @@ class Grid:
 
     points: tuple[GridPoint, ...]
     overrides: Mapping[str, Any]
+    #: The strategy every other one is compared with downstream: the first of the file's ``strategies``.
+    best: str = "enumerate"
 
     def set_args(self, point: GridPoint) -> list[str]:
         """``dvc exp run`` arguments (``-S key=value`` pairs, values in YAML flow style) for ``point``."""
@@ -123,7 +126,7 @@ def load_grid(path: str | Path, params: Mapping[str, Any]) -> Grid:
             validate(trial, origin=f"{path} ({point.name})")
         except PipelineError as exc:
             raise PipelineError(str(exc)) from None
-    return Grid(points=points, overrides=dict(overrides))
+    return Grid(points=points, overrides=dict(overrides), best=strategies[0])
 
 
 # --------------------------------------------------------------------------- what one run wrote
@@ -163,10 +166,6 @@ def run_record(point: GridPoint, search: Mapping[str, Any], benchmark: Mapping[s
 
 
 # --------------------------------------------------------------------------- the summary
-
-
-def _domain(task: str) -> str:
-    return task.removeprefix("embedded_").rsplit("_", 1)[0]
 
 
 def _paired(base: VariantResult, other: VariantResult) -> dict[str, Any]:
@@ -216,10 +215,10 @@ def summarise(original: VariantResult, runs: Sequence[Mapping[str, Any]], refere
         row["average_accuracy"] = entry["average_accuracy"]
         row["average_accuracy_interval"] = entry.get("average_accuracy_interval")
         row["average_accuracy_vs_original"] = vs["average_accuracy"]
-        row["bits_per_byte"] = {_domain(t): entry["tasks"][t].get("bits_per_byte") for t in ppl_tasks}
-        row["bits_per_byte_interval"] = {_domain(t): (entry.get("intervals") or {}).get(t, {}).get("bits_per_byte")
+        row["bits_per_byte"] = {task_domain(t): entry["tasks"][t].get("bits_per_byte") for t in ppl_tasks}
+        row["bits_per_byte_interval"] = {task_domain(t): (entry.get("intervals") or {}).get(t, {}).get("bits_per_byte")
                                          for t in ppl_tasks}
-        row["bits_per_byte_vs_original"] = {_domain(t): vs["tasks"].get(t, {}).get("bits_per_byte") for t in ppl_tasks}
+        row["bits_per_byte_vs_original"] = {task_domain(t): vs["tasks"].get(t, {}).get("bits_per_byte") for t in ppl_tasks}
         row["mean_bits_per_byte"] = float(np.mean([v for v in row["bits_per_byte"].values() if v is not None]))
         rows.append(row)
 
@@ -243,7 +242,7 @@ def summarise(original: VariantResult, runs: Sequence[Mapping[str, Any]], refere
         versus.append({
             "strategy": strategy, "r": r, "calibration": calibration,
             "search_loss_ratio": run["search_loss"] / ref["search_loss"] if ref["search_loss"] else None,
-            "bits_per_byte": {_domain(t): vs["tasks"].get(t, {}).get("bits_per_byte") for t in ppl_tasks},
+            "bits_per_byte": {task_domain(t): vs["tasks"].get(t, {}).get("bits_per_byte") for t in ppl_tasks},
             "average_accuracy": vs["average_accuracy"],
         })
 
@@ -255,7 +254,7 @@ def summarise(original: VariantResult, runs: Sequence[Mapping[str, Any]], refere
         vs = _paired(results[general["name"]], results[run["name"]])   # domain-calibrated minus general: < 0 bits/byte = it helps
         domain_calibration.append({
             "calibration": calibration, "r": r, "strategy": strategy,
-            "bits_per_byte": {_domain(t): vs["tasks"].get(t, {}).get("bits_per_byte") for t in ppl_tasks},
+            "bits_per_byte": {task_domain(t): vs["tasks"].get(t, {}).get("bits_per_byte") for t in ppl_tasks},
             "average_accuracy": vs["average_accuracy"],
         })
 

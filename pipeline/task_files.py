@@ -47,6 +47,14 @@ def ppl_task_name(domain: str) -> str:
     return f"{EMBEDDED}_{domain}_ppl"
 
 
+def task_domain(task: str) -> str:
+    """The domain of an embedded task name (``ppl_task_name`` / ``mc_task_name`` inverted); other names as they are."""
+    for suffix in ("_ppl", "_mc"):
+        if task.startswith(f"{EMBEDDED}_") and task.endswith(suffix):
+            return task.removeprefix(f"{EMBEDDED}_").removesuffix(suffix)
+    return task
+
+
 def domain_tasks(domain: str, data_dir: PurePath) -> list[EmbeddedTask]:
     """The multiple-choice and the perplexity task of ``domain`` over ``data_dir``'s files."""
     return [

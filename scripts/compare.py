@@ -199,7 +199,7 @@ def summarise(grid: compare.Grid, out: Path, params: dict) -> dict:
     original = compare.variant_result(
         BASELINE, reference, read_json(out / "reference" / f"{BASELINE}{ITEMS_SUFFIX}", what="reference scores"))
     done = [read_json(out / "runs" / f"{p.name}.json") for p in grid.points if (out / "runs" / f"{p.name}.json").exists()]
-    summary = compare.summarise(original, done, reference)
+    summary = compare.summarise(original, done, reference, best=grid.best)
     summary["grid"] = {"runs": len(grid.points), "finished": len(done), "overrides": dict(grid.overrides)}
     write_json(out / "summary.json", summary)
     (out / "summary.md").write_text(compare.render_markdown(summary), encoding="utf-8")

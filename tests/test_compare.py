@@ -159,3 +159,11 @@ def test_make_compare_runs_each_point_as_a_dvc_experiment_and_restores_the_works
 
     again = run(project, sys.executable, "scripts/compare.py", "--grid", str(grid))
     assert "all 2 grid runs are done" in again.stderr
+
+
+@pytest.mark.parametrize("domain", ["prose", "code", "arith", "data", "my_domain"])
+def test_task_domain_inverts_the_task_names(domain):
+    from pipeline.task_files import mc_task_name, ppl_task_name, task_domain
+
+    assert task_domain(ppl_task_name(domain)) == domain == task_domain(mc_task_name(domain))
+    assert task_domain("gsm8k") == "gsm8k"
