@@ -29,7 +29,7 @@ def tiny_mixtral():
 
 
 #: Session fixtures holding a tiny project that `dvc repro` completed; built in the background (_Projects).
-PROJECT_FIXTURES = ("reproduced_project", "compared_project", "forced_project")
+PROJECT_FIXTURES = ("reproduced_project", "compared_project", "forced_project", "fine_grained_project")
 
 
 def _module(item: pytest.Item) -> str:
@@ -85,7 +85,7 @@ class _Projects:
         self._builds: dict[str, _Build] = {}
 
     def start(self, name: str) -> _Build:
-        from tests.project import TINY, merge, rerun_forced, reproduce, run_twice
+        from tests.project import TINY, merge, rerun_forced, reproduce, run_documented, run_twice
 
         if name not in self._builds:
             if name == "reproduced_project":
@@ -99,6 +99,12 @@ class _Projects:
                 reproduced = self.start("reproduced_project")
                 dest = self._tmp.mktemp("forced") / "project"
                 self._builds[name] = _Build(name, lambda: rerun_forced(reproduced.result(), dest))
+            elif name == "fine_grained_project":
+                from tests.test_profiles import fine_grained_line
+
+                reproduced = self.start("reproduced_project")
+                dest = self._tmp.mktemp("fine_grained") / "project"
+                self._builds[name] = _Build(name, lambda: run_documented(reproduced.result(), dest, fine_grained_line()))
             else:
                 raise KeyError(name)
         return self._builds[name]
@@ -133,6 +139,13 @@ def compared_project(_projects: _Projects) -> Path:
     committed (tagged r4); every MLflow run in ``<project>/mlflow.db``. Shared by the UI, plots, team
     and bad-input tests."""
     return _projects.start("compared_project").result()
+
+
+@pytest.fixture(scope="session")
+def fine_grained_project(_projects: _Projects) -> Path:
+    """A clone of ``reproduced_project`` after the README's fine-grained profile line (``dvc exp run -S
+    model.embedded.architecture=qwen3_moe ...``), run as written; its output in ``<project>/../run.log``."""
+    return _projects.start("fine_grained_project").result()
 
 
 @pytest.fixture(scope="session")

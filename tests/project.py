@@ -313,3 +313,12 @@ def run_twice(reproduced: Path, dest: Path, second_r: int = 4) -> Path:
     run(project, "git", "commit", "-qm", f"search.r={second_r}")
     run(project, "git", "tag", f"r{second_r}")
     return project
+
+
+def run_documented(reproduced: Path, dest: Path, argv: list[str]) -> Path:
+    """A clone of ``reproduced`` after a documented command (e.g. the README's ``dvc exp run -S ...``
+    line of a profile), run as written; what it printed (stdout, then stderr) is in ``<dest>/../run.log``."""
+    project = clone_project(reproduced, dest)
+    done = run(project, *argv)
+    (project.parent / "run.log").write_text(done.stdout + done.stderr)
+    return project
