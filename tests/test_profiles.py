@@ -89,12 +89,12 @@ def test_the_documented_line_runs_the_whole_pipeline(fine_grained_project: Path)
     assert "up to date" in status, status
     model_config = json.loads((project / "outputs/model/checkpoint/config.json").read_text())
     assert model_config["model_type"] == "qwen3_moe"
-    assert (model_config["num_experts"], model_config["num_experts_per_tok"]) == (64, 4)
+    assert (model_config["num_local_experts"], model_config["num_experts_per_tok"]) == (64, 4)  # transformers 5's key
     selection = json.loads((project / "outputs/search/selection.json").read_text())
     assert (selection["strategy"], selection["r"], selection["num_experts"]) == ("beam", 32, 64)
     assert all(len(layer["kept"]) == 32 for layer in selection["layers"])
     exported = json.loads((project / "outputs/export/model/config.json").read_text())
-    assert exported["num_experts"] == 32
+    assert exported["num_local_experts"] == 32
     assert [sorted(k) for k in exported["kept_experts"].values()] == [sorted(layer["kept"]) for layer in selection["layers"]]
     log = (project.parent / "run.log").read_text()
     assert re.search(r"estimated", log), "the search stage printed no cost estimate"
