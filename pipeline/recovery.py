@@ -44,18 +44,19 @@ STATE_FILE = "state.safetensors"
 
 @dataclass(frozen=True)
 class RecoverySettings:
-    """What a recovery run does (``recover.*`` params; validated by pipeline/config.py)."""
+    """What a recovery run does: the ``recover.*`` params but the calibration set's name (their defaults
+    and ranges are declared in pipeline/config.py; checked again here for library callers)."""
 
-    steps: int = 16
-    lr: float = 1e-3
-    temperature: float = 2.0
-    lm_loss_weight: float = 0.0
-    targets: str = "router"
-    batch_size: int = 8
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    checkpoint_every: int = 4
-    seed: int = 0
+    steps: int
+    lr: float
+    temperature: float
+    lm_loss_weight: float
+    targets: str
+    batch_size: int
+    lora_rank: int
+    lora_alpha: float
+    checkpoint_every: int
+    seed: int
 
     def __post_init__(self) -> None:
         if self.targets not in TARGETS:
@@ -335,32 +336,55 @@ def tensor_layout(path: str | Path) -> dict[str, dict[str, tuple[str, tuple[int,
     return out
 
 
-def save_recovered(
-    model: nn.Module,
-    export_dir: str | Path,
-    out_dir: str | Path,
-    *,
-    recovery: dict[str, Any],
-    max_shard_size: str | int = "5GB",
-) -> list[str]:
-    """Save the recovered ``model`` with the export's layout: same safetensors files, tensor names, shapes
-    and dtypes, the export's tokenizer files, its config plus ``recovery``, its model card plus a note.
+def save_recovered(model: nn.Module, export_dir: str | Path, out_dir: str | Path, *, recovery: dict[str, Any]) -> list[str]:
+    """Save the recovered ``model`` in the export's layout: the export's files, each safetensors shard
+    holding the same tensor names (same order, dtypes, shapes and metadata) with the recovered values;
+    its config plus ``recovery``; its model card plus a note. ``out_dir`` is written atomically.
 
-    ``out_dir`` is written atomically; a layout that differs from the export's is an error.
+    The tensors come from ``model.save_pretrained`` (so their on-disk names are transformers' own);
+    a tensor the export has and the model does not save (or the reverse) is an error.
     """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
     export_dir, out_dir = Path(export_dir), Path(out_dir)
     config = read_json(export_dir / "config.json", what="exported model config")
     dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
     model = model.to(getattr(torch, dtype))
-    model.config.recovery = recovery
     with atomic_dir(out_dir) as tmp:
+        staging = tmp / ".staging"
         try:
-            model.save_pretrained(tmp, max_shard_size=max_shard_size)
+            model.save_pretrained(staging, max_shard_size="1000GB")
         except ValueError as exc:
             raise PipelineError(f"cannot save the recovered checkpoint to {out_dir}: {exc}") from None
+        where: dict[str, Path] = {}
+        for file in staging.glob("*.safetensors"):
+            with safe_open(str(file), "pt") as fh:
+                where.update({k: file for k in fh.keys()})
+        wanted: set[str] = set()
         for path in sorted(export_dir.iterdir()):
-            if path.is_file() and not (tmp / path.name).exists():
+            if not path.is_file():
+                continue
+            if path.suffix != ".safetensors":
                 shutil.copyfile(path, tmp / path.name)
+                continue
+            with safe_open(str(path), "pt") as fh:
+                names, metadata = list(fh.keys()), fh.metadata()
+            wanted.update(names)
+            missing = [n for n in names if n not in where]
+            if missing:
+                raise PipelineError(f"{out_dir}: the recovered model has no tensor {missing[0]} of {path}")
+            tensors = {}
+            for n in names:
+                with safe_open(str(where[n]), "pt") as fh:
+                    tensors[n] = fh.get_tensor(n)
+            save_file(tensors, str(tmp / path.name), metadata=metadata)
+        extra = sorted(set(where) - wanted)
+        if extra:
+            raise PipelineError(f"{out_dir}: the recovered model has tensors the export lacks, e.g. {extra[0]}")
+        shutil.rmtree(staging)
+        (tmp / "config.json").write_text(json.dumps({**config, "recovery": recovery}, indent=2, sort_keys=True) + "\n",
+                                         encoding="utf-8")
         card = tmp / "README.md"
         if card.is_file():
             note = (
@@ -368,8 +392,6 @@ def save_recovered(
                 f"(`recover` stage): {json.dumps(recovery, sort_keys=True)}\n"
             )
             card.write_text(card.read_text(encoding="utf-8") + note, encoding="utf-8")
-        if tensor_layout(tmp) != tensor_layout(export_dir):
-            raise PipelineError(f"{out_dir}: the recovered checkpoint's tensors differ in layout from {export_dir}")
         files = sorted(p.name for p in tmp.iterdir())
     return files
 

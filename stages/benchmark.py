@@ -51,6 +51,7 @@ def main(ctx: StageContext) -> None:
         str(thresholds_file),
         manifest.moe_layers,
         merged=stage_dir("export") / "merged",
+        recovered=stage_dir("recover") / "model",
     )
     device = resolve_device(rt.device)
     settings = BenchmarkSetup(p, device, resolve_dtype(rt.dtype, device), rt.trust_remote_code)

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from pipeline.config import RecoverParams
 from pipeline.errors import PipelineError
 from pipeline.export import Selection, export_pruned
 from pipeline.io import sha256_file
@@ -34,6 +35,11 @@ from tests.factory import tiny_model, tiny_tokenizer
 from tests.test_export import selection_dict
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def settings_with(**overrides: object) -> RecoverySettings:
+    """The default ``recover.*`` params with ``overrides``."""
+    return RecoverySettings(**{**RecoverParams().model_dump(exclude={"calibration"}), **overrides})
 
 
 def make_pair(root: Path) -> tuple[Path, Path, torch.Tensor]:
@@ -70,7 +76,7 @@ def run_recovery(pair, settings: RecoverySettings, out: Path, work: Path | None 
     teacher, student = load_model(teacher_dir), load_model(export_dir)
     adapter = get_adapter(student.config)
     merged, report = distil(teacher, student, adapter, ids, settings, work_dir=work, state_key="test")
-    save_recovered(merged, export_dir, out, recovery={"steps": settings.steps}, max_shard_size="5GB")
+    save_recovered(merged, export_dir, out, recovery={"steps": settings.steps})
     return report
 
 
@@ -90,7 +96,7 @@ def test_steps_zero_copies_the_export_byte_for_byte(pair, tmp_path: Path) -> Non
 
 
 def test_router_only_lowers_the_kl_and_changes_only_router_tensors(pair, tmp_path: Path) -> None:
-    settings = RecoverySettings(steps=12, lr=5e-2, targets="router", batch_size=4, lm_loss_weight=0.01)
+    settings = settings_with(steps=12, lr=5e-2, targets="router", batch_size=4, lm_loss_weight=0.01)
     report = run_recovery(pair, settings, tmp_path / "out")
     assert len(report.curve) == 12 and report.trainable_parameters == 2 * 4 * 32  # 2 layers, 4 experts, d = 32
     assert report.curve[-1]["loss"] == pytest.approx(report.curve[-1]["kl"] + 0.01 * report.curve[-1]["lm"])
@@ -106,7 +112,7 @@ def test_router_only_lowers_the_kl_and_changes_only_router_tensors(pair, tmp_pat
 
 
 def test_lora_merged_checkpoint_loads_without_peft_with_the_export_layout(pair, tmp_path: Path) -> None:
-    settings = RecoverySettings(steps=6, lr=3e-4, targets="both", batch_size=4, lora_rank=4)
+    settings = settings_with(steps=6, lr=3e-4, targets="both", batch_size=4, lora_rank=4)
     report = run_recovery(pair, settings, tmp_path / "out")
     _, export_dir, _ = pair
     assert tensor_layout(tmp_path / "out") == tensor_layout(export_dir)
@@ -141,7 +147,7 @@ def test_lora_merged_checkpoint_loads_without_peft_with_the_export_layout(pair, 
 )
 def test_bad_settings_are_one_line_errors(field: str, value: object, message: str) -> None:
     with pytest.raises(PipelineError, match=message):
-        RecoverySettings(**{field: value})
+        settings_with(**{field: value})
 
 
 RESUME_SCRIPT = """
@@ -150,10 +156,12 @@ torch.set_num_threads(1)
 from pathlib import Path
 from pipeline.models import get_adapter
 from pipeline.models.loading import load_model
+from pipeline.config import RecoverParams
 from pipeline.recovery import RecoverySettings, distil, save_recovered
 teacher_dir, export_dir, ids_file, work, out, hang_at = sys.argv[1:]
 ids = torch.load(ids_file)
-settings = RecoverySettings(steps=8, lr=3e-4, targets="both", batch_size=4, lora_rank=4, checkpoint_every=2)
+settings = RecoverySettings(**{**RecoverParams().model_dump(exclude={"calibration"}),
+                               **dict(steps=8, lr=3e-4, targets="both", batch_size=4, lora_rank=4, checkpoint_every=2)})
 teacher, student = load_model(teacher_dir), load_model(export_dir)
 def on_step(step, losses):
     print("step", step, flush=True)
