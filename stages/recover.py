@@ -25,6 +25,8 @@ from stages.common import StageContext, calibration_dir, stage, stage_dir
 def main(ctx: StageContext) -> None:
     p = ctx.params
     settings = RecoverySettings(**p.recover.model_dump(exclude={"calibration"}))
+    device = resolve_device(p.runtime.device)
+    dtype, trust, name = resolve_dtype(p.runtime.dtype, device), p.runtime.trust_remote_code, p.recover.calibration
     exported = stage_dir("export") / "model"
     out = ctx.out / "model"
     ctx.run.set_tags({"recover.targets": settings.targets, "recover.steps": str(settings.steps)})
@@ -39,12 +41,8 @@ def main(ctx: StageContext) -> None:
             f"{exported}: exported from model {pruning.get('source_fingerprint')}, the model stage's is "
             f"{manifest.fingerprint} (rerun: dvc repro export)"
         )
-    name = p.recover.calibration
     data = load_calibration_set(calibration_dir(name), name, key="recover.calibration")
-    device = resolve_device(p.runtime.device)
-    trust = p.runtime.trust_remote_code
-    teacher = load_model(manifest.path, dtype=resolve_dtype(p.runtime.dtype, device), device=device,
-                         trust_remote_code=trust)
+    teacher = load_model(manifest.path, dtype=dtype, device=device, trust_remote_code=trust)
     student = load_model(exported, dtype=torch.float32, device=device, trust_remote_code=trust)
     inputs = {"export": checkpoint_fingerprint(exported), "model": manifest.fingerprint,
               "calibration": data.fingerprint, "device": str(device), "dtype": str(teacher.dtype)}
