@@ -47,7 +47,7 @@ VARIANTS = tuple(VARIANT_KINDS)
 DEFAULT_VARIANTS = ("original", "original_skip", "pruned", "pruned_skip")
 VariantName = Literal[VARIANTS]  # type: ignore[valid-type]
 #: ``recover.steps`` / ``recover.lr`` defaults: router-only distillation that costs well under a minute on the embedded default.
-DEFAULT_RECOVER_STEPS = 16
+DEFAULT_RECOVER_STEPS = 8
 DEFAULT_RECOVER_LR = 1e-3
 #: ``export.merge`` methods: how each dropped expert is assigned to a kept one (docs/merging.md).
 MERGE_METHODS = ("none", "output", "router")
