@@ -24,7 +24,8 @@ DOMAINS = ("prose", "code", "arith", "data")
 class VariantKind(NamedTuple):
     """What a benchmark variant runs: which checkpoint, with dynamic skipping, with a lowered top-k."""
 
-    checkpoint: Literal["original", "pruned", "merged"]  # manifest.path | outputs/export/model | outputs/export/merged
+    #: manifest.path | outputs/export/model | outputs/export/merged | outputs/recover/model
+    checkpoint: Literal["original", "pruned", "merged", "recovered"]
     skip: bool = False  # dynamic expert skipping with the skip stage's thresholds for that checkpoint
     top_k: int | None = None  # static top-k reduction: experts per token, set in the config at load time
 
@@ -38,11 +39,16 @@ VARIANT_KINDS: dict[str, VariantKind] = {
     "pruned_top1": VariantKind("pruned", top_k=1),
     "merged": VariantKind("merged"),
     "merged_skip": VariantKind("merged", skip=True),
+    "recovered": VariantKind("recovered"),
+    "recovered_skip": VariantKind("recovered", skip=True),
 }
 VARIANTS = tuple(VARIANT_KINDS)
 #: The default ``benchmark.variants`` (each variant adds about 25 s to the default benchmark).
 DEFAULT_VARIANTS = ("original", "original_skip", "pruned", "pruned_skip")
 VariantName = Literal[VARIANTS]  # type: ignore[valid-type]
+#: ``recover.steps`` / ``recover.lr`` defaults: router-only distillation that costs well under a minute on the embedded default.
+DEFAULT_RECOVER_STEPS = 8
+DEFAULT_RECOVER_LR = 1e-3
 #: ``export.merge`` methods: how each dropped expert is assigned to a kept one (docs/merging.md).
 MERGE_METHODS = ("none", "output", "router")
 
@@ -374,6 +380,35 @@ class ExportParams(Section):
     )
 
 
+class RecoverParams(Section):
+    """Recovery fine-tuning: distil the original model into the exported pruned one (docs/recovery.md)."""
+
+    steps: NonNegInt = Field(
+        DEFAULT_RECOVER_STEPS,
+        description="optimizer steps; 0 passes the exported checkpoint through unchanged (the same files)",
+    )
+    targets: Literal["router", "lora", "both"] = Field(
+        "router",
+        description="router (the MoE routers' weights only) | lora (LoRA on attention, dense/shared linears and the "
+        "fused experts, merged back) | both",
+    )
+    calibration: str = Field(
+        "general",
+        min_length=1,
+        description="calibration set the student trains on (any calibration.sets entry, e.g. one over a train split)",
+    )
+    lr: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(
+        DEFAULT_RECOVER_LR, description="peak AdamW learning rate (cosine decay to 10%)"
+    )
+    temperature: Annotated[float, Field(gt=0.0)] = Field(2.0, description="tau of KL(softmax(z_t/tau) || softmax(z_s/tau)) tau^2")
+    lm_loss_weight: Annotated[float, Field(ge=0.0)] = Field(0.0, description="weight of the student's next-token loss added to the KL")
+    batch_size: PosInt = Field(8, description="calibration sequences per step")
+    lora_rank: PosInt = Field(8, description="LoRA rank (targets lora/both)")
+    lora_alpha: Annotated[float, Field(gt=0.0)] = Field(16.0, description="LoRA alpha (scale alpha / rank)")
+    checkpoint_every: PosInt = Field(4, description="steps between resumable checkpoints in outputs/.work/recover")
+    seed: Seed = Field(0, description="batch order and LoRA initialisation")
+
+
 class SkipParams(Section):
     """Dynamic expert skipping: per-layer threshold = a quantile of the tail/head weight ratio."""
 
@@ -423,7 +458,7 @@ class BenchmarkParams(Section):
         min_length=1,
         description=(
             "original | original_skip | pruned | pruned_skip | pruned_top1 (top-1 routing) | merged | merged_skip "
-            "(merged needs export.merge)"
+            "(merged needs export.merge) | recovered | recovered_skip (the recover stage's checkpoint)"
         ),
     )
     backend: Literal["hf", "vllm"] = Field(
@@ -462,13 +497,18 @@ class Params(Section):
     activations: ActivationsParams = ActivationsParams()
     search: SearchParams = SearchParams()
     export: ExportParams = ExportParams()
+    recover: RecoverParams = RecoverParams()
     skip: SkipParams = SkipParams()
     benchmark: BenchmarkParams = BenchmarkParams()
 
     @model_validator(mode="after")
     def _cross(self) -> Params:
         names = sorted(self.calibration.sets)
-        for key, value in (("search.calibration", self.search.calibration), ("skip.calibration", self.skip.calibration)):
+        for key, value in (
+            ("search.calibration", self.search.calibration),
+            ("skip.calibration", self.skip.calibration),
+            ("recover.calibration", self.recover.calibration),
+        ):
             if value not in self.calibration.sets:
                 raise ValueError(f"{key}: calibration set {value!r} does not exist (defined: {', '.join(names)})")
         if self.model.source == EMBEDDED:
@@ -506,7 +546,7 @@ def _format_error(err: dict[str, Any]) -> str:
     if kind == "missing":
         return f"{loc}: required key is missing"
     msg = msg.removeprefix("Value error, ")
-    if msg.startswith(("search.", "skip.", "calibration.", "export.")) and kind == "value_error":
+    if msg.startswith(("search.", "skip.", "calibration.", "export.", "recover.")) and kind == "value_error":
         return msg
     shown = err.get("input")
     got = "" if isinstance(shown, dict | list) else f" (got {shown!r})"

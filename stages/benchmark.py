@@ -51,6 +51,7 @@ def main(ctx: StageContext) -> None:
         str(thresholds_file),
         manifest.moe_layers,
         merged=stage_dir("export") / "merged",
+        recovered=stage_dir("recover") / "model",
     )
     device = resolve_device(rt.device)
     settings = BenchmarkSetup(p, device, resolve_dtype(rt.dtype, device), rt.trust_remote_code)
@@ -66,9 +67,13 @@ def main(ctx: StageContext) -> None:
 
     for v, r in zip(variants, results, strict=True):
         entry = metrics["variants"][v.name]
+        params = variant_params(v, vars(manifest), selection, thresholds, r.experts_per_layer)
+        if v.recovered:  # the recover stage's settings, as recorded in the checkpoint it wrote
+            recovery = read_json(v.checkpoint / "config.json", what="recovered model config").get("recovery") or {}
+            params.update({f"recover.{k}": recovery[k] for k in ("steps", "targets", "lr", "calibration") if k in recovery})
         with ctx.run.child(
             v.name,
-            params=variant_params(v, vars(manifest), selection, thresholds, r.experts_per_layer),
+            params=params,
             tags=verdict_tags(entry),
         ) as child:
             child.log_metrics(flat_metrics(entry))

@@ -1,6 +1,8 @@
-"""Stage skip_calibration: per-layer skip thresholds for the pruned, the merged and the original model.
+"""Stage skip_calibration: per-layer skip thresholds for the pruned, merged, recovered and original model.
 
 Reads outputs/export/model (and outputs/export/merged when it holds a checkpoint: export.merge),
+outputs/recover/model (thresholds calibrated on the recovered model itself; the pruned model's when
+its files equal the export's, as under recover.steps: 0),
 outputs/model/manifest.json and the calibration set skip.calibration;
 writes outputs/skip/thresholds.json and outputs/skip/model/ (the exported checkpoint with
 expert_skip_thresholds in its config, weights hard-linked).
@@ -19,7 +21,7 @@ from pipeline.calibration import load_calibration_set
 from pipeline.errors import PipelineError
 from pipeline.io import read_json, write_json
 from pipeline.models import get_adapter
-from pipeline.models.loading import ModelManifest, load_config, load_model
+from pipeline.models.loading import ModelManifest, checkpoint_fingerprint, load_config, load_model
 from pipeline.runtime import resolve_device, resolve_dtype
 from pipeline.skipping import RULE, calibrate_thresholds, measure_skipping, write_skip_checkpoint
 from stages.common import StageContext, calibration_dir, stage, stage_dir
@@ -70,9 +72,17 @@ def main(ctx: StageContext) -> None:
     merged = stage_dir("export") / "merged"
     if (merged / "config.json").is_file():
         models["merged"] = merged
+    recovered = stage_dir("recover") / "model"
+    same_as_pruned = False
+    if (recovered / "config.json").is_file():
+        models["recovered"] = recovered
+        same_as_pruned = checkpoint_fingerprint(recovered) == checkpoint_fingerprint(exported)
     tables: dict[str, Any] = {}
     summaries: dict[str, Any] = {}
     for label, path in models.items():
+        if label == "recovered" and same_as_pruned:  # the same weights: the same thresholds, not measured twice
+            tables[label], summaries[label] = tables["pruned"], summaries["pruned"]
+            continue
         config = load_config(path, ctx.params.runtime.trust_remote_code)
         if get_adapter(config).top_k(config) < 2:
             log.warning("%s: routes each token to one expert (export.top_k): nothing to skip, thresholds 0", path)

@@ -54,6 +54,7 @@ TINY: dict[str, Any] = {
     },
     "activations": {"batch_size": 4},
     "search": {"token_chunk": 256},
+    "recover": {"steps": 4, "batch_size": 4, "checkpoint_every": 2},
     "benchmark": {"limit": 8, "batch_size": 8, "speed": {"prompts": 1, "new_tokens": 4, "repeats": 1, "warmup": 0}},
 }
 

@@ -60,6 +60,11 @@ def test_params_yaml_shows_the_schema_defaults(raw):
         (("runtime", "device"), "tpu", "runtime.device"),
         (("calibration", "sets", "general", "num_samples"), 0, "calibration.sets.general.num_samples"),
         (("calibration", "sets", "general", "seq_len"), 4096, "calibration.sets.general.seq_len: 4096 exceeds"),
+        (("recover", "targets"), "experts", "recover.targets"),
+        (("recover", "steps"), -1, "recover.steps"),
+        (("recover", "temperature"), 0.0, "recover.temperature"),
+        (("recover", "lora_rank"), 0, "recover.lora_rank"),
+        (("recover", "calibration"), "nope", "recover.calibration: calibration set 'nope' does not exist"),
     ],
 )
 def test_bad_values_name_the_key(raw, path, value, expected):

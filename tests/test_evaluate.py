@@ -545,6 +545,16 @@ def test_build_variants_errors(tmp_path):
         build_variants(["merged_skip"], tmp_path, tmp_path, {"pruned": {"0": 0.5}}, merged=tmp_path / "merged")
     (merged,) = build_variants(["merged"], tmp_path, tmp_path / "b", None, merged=tmp_path / "merged")
     assert merged.checkpoint.name == "merged" and merged.merged and merged.pruned and not merged.skip
+    with pytest.raises(PipelineError, match=r"^benchmark.variants: recovered needs the recovered checkpoint \(run: dvc repro recover"):
+        build_variants(["recovered"], tmp_path, tmp_path, None, recovered=tmp_path / "recover")
+    (tmp_path / "recover").mkdir()
+    (tmp_path / "recover" / "config.json").write_text("{}")
+    with pytest.raises(PipelineError, match=r"thresholds.json: no 'recovered' thresholds for variant recovered_skip"):
+        build_variants(["recovered_skip"], tmp_path, tmp_path, {"pruned": {"0": 0.5}}, recovered=tmp_path / "recover")
+    rec, rec_skip = build_variants(["recovered", "recovered_skip"], tmp_path, tmp_path / "b", {"recovered": {"0": 0.25}},
+                                   recovered=tmp_path / "recover")
+    assert rec.checkpoint.name == "recover" and rec.recovered and rec.pruned and not rec.merged and not rec.skip
+    assert rec_skip.thresholds == {"0": 0.25} and rec_skip.load_key == rec.load_key
 
 
 def _fake_upstream(root: Path, override: dict) -> None:

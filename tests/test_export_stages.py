@@ -27,6 +27,7 @@ def _project(tmp_path: Path) -> Path:
         "runtime": {"device": "cpu"},
         "export": {"max_shard_size": "100KB"},
         "skip": {"batch_size": 4},
+        "recover": {"steps": 3, "batch_size": 4, "checkpoint_every": 2},
     })
     out = project / "outputs"
     checkpoint = save_tiny_checkpoint(out / "model" / "checkpoint")
@@ -52,10 +53,27 @@ def test_skip_calibration_stage(tmp_path: Path) -> None:
                   merged_dir=out / "export" / "merged")
     write_run_records(project, "export")
 
+    result = run_stage(project, "recover")  # router-only distillation (recover.steps: 3 in _project)
+    assert result.returncode == 0, result.stderr[-3000:]
+    recovered = json.loads((out / "recover" / "model" / "config.json").read_text())
+    assert recovered["recovery"]["steps"] == 3 and recovered["recovery"]["targets"] == "router"
+    assert recovered["kept_experts"] == {str(k): v for k, v in selection.kept.items()}
+    assert not list((out / ".work" / "recover").glob("*/state.safetensors"))  # the resumable state is gone
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    run_id = json.loads((out / "recover" / "run.json").read_text())["run_id"]
+    curve = client.get_metric_history(run_id, "train/kl")
+    assert [m.step for m in curve] == [0, 1, 2] and all(m.value > 0 for m in curve)
+    assert len(client.get_metric_history(run_id, "train/lm")) == 3
+    tags = client.get_run(run_id).data.tags
+    assert {"dvc.dep.outputs/export/model", "dvc.dep.outputs/model/checkpoint"} <= set(tags)
+
     result = run_stage(project, "skip_calibration")
     assert result.returncode == 0, result.stderr[-3000:]
     thresholds = json.loads((out / "skip" / "thresholds.json").read_text())
     assert set(thresholds["pruned"]) == set(thresholds["original"]) == set(thresholds["merged"]) == {"0", "1"}
+    assert set(thresholds["recovered"]) == {"0", "1"}  # measured on the recovered model itself
     assert thresholds["quantile"] == 0.5 and thresholds["calibration"] == "general"
     for variant in ("pruned", "original", "merged"):
         assert abs(thresholds["skipped_fraction"][variant]["layers"]["0"] - 0.5) <= 1 / 256

@@ -103,3 +103,17 @@ def test_speed_spread_and_speedup_verdicts():
     assert one.ratio == pytest.approx(1.4) and one.interval is None and one.verdict == stats.WITHIN_NOISE
     assert stats.speedup([float("nan")], [1.0]) is None
     assert math.isclose(stats.speedup(base, base).ratio, 1.0)
+
+
+def test_gap_closed_is_the_fraction_of_the_pruning_gap_recovered() -> None:
+    rng = np.random.default_rng(0)
+    n = rng.integers(50, 200, size=40).astype(float)
+    original = -n * rng.uniform(0.9, 1.1, size=40)  # about 1 nat per unit
+    pruned = original * 1.2
+    halfway = (original + pruned) / 2
+    point, interval = stats.gap_closed("bits_per_byte", original, pruned, halfway, n)
+    assert point == pytest.approx(0.5) and interval is not None and interval[0] <= 0.5 <= interval[1]
+    assert stats.gap_closed("bits_per_byte", original, pruned, original, n)[0] == pytest.approx(1.0)
+    assert stats.gap_closed("bits_per_byte", original, pruned, pruned * 1.1, n)[0] < 0  # worse than pruned
+    point, interval = stats.gap_closed("word_perplexity", original, pruned, halfway, n)
+    assert 0 < point < 1 and interval[0] < point < interval[1]

@@ -74,7 +74,7 @@ def test_result_neutral_keys_exist_and_no_stage_declares_them(params: Params, st
 
 # -- dvc.yaml ---------------------------------------------------------------------------------------
 def test_every_declared_param_exists_and_every_stage_writes_one_run_record(params: Params, stages) -> None:
-    assert {"corpus", "model", "activations", "search", "export", "skip_calibration", "benchmark"} <= set(stages)
+    assert {"corpus", "model", "activations", "search", "export", "recover", "skip_calibration", "benchmark"} <= set(stages)
     assert {f"calibration@{name}" for name in params.calibration.sets} <= set(stages)
     folders = set()
     for name, st in stages.items():
@@ -89,7 +89,8 @@ def test_every_declared_param_exists_and_every_stage_writes_one_run_record(param
 def test_upstream_follows_the_deps(stages) -> None:
     assert specs.upstream("corpus", ROOT) == ()
     assert specs.upstream("search", ROOT) == ("model", "calibration@general", "activations")
-    assert specs.upstream("benchmark", ROOT) == ("corpus", "model", "search", "export", "skip_calibration")
+    assert specs.upstream("benchmark", ROOT) == ("corpus", "model", "search", "export", "recover", "skip_calibration")
+    assert specs.upstream("recover", ROOT) == ("model", "calibration@general", "export")
 
 
 def test_each_calibration_set_is_its_own_stage_with_its_own_params(stages) -> None:

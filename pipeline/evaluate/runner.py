@@ -44,6 +44,7 @@ class Variant:
     pruned: bool = False
     top_k: int | None = None
     merged: bool = False
+    recovered: bool = False
 
     @property
     def load_key(self) -> tuple[Path, int | None]:
@@ -363,6 +364,7 @@ def build_variants(
     thresholds_file: str = "outputs/skip/thresholds.json",
     moe_layers: Sequence[int] | None = None,
     merged: Path | None = None,
+    recovered: Path | None = None,
 ) -> list[Variant]:
     """Variants by name (:data:`pipeline.config.VARIANT_KINDS`: ``original``, ``pruned``, ``merged``, their
     ``_skip`` forms, ``pruned_top1``).
@@ -370,10 +372,11 @@ def build_variants(
     ``thresholds`` is the skip stage's thresholds document (``{"original": {layer: beta},
     "pruned": {...}, "merged": {...}}``); skip variants take their model's entry, which must cover exactly
     ``moe_layers`` (the model's MoE layers, when given). ``merged`` is the merged checkpoint
-    (``outputs/export/merged``), which exists only under ``export.merge``.
+    (``outputs/export/merged``), which exists only under ``export.merge``; ``recovered`` the recover
+    stage's checkpoint (``outputs/recover/model``), with its own ``"recovered"`` thresholds.
     """
     out = []
-    checkpoints = {"original": original, "pruned": pruned, "merged": merged}
+    checkpoints = {"original": original, "pruned": pruned, "merged": merged, "recovered": recovered}
     for name in names:
         if name not in VARIANT_KINDS:
             raise PipelineError(f"benchmark.variants: unknown variant {name!r} (allowed: {', '.join(VARIANT_KINDS)})")
@@ -383,6 +386,8 @@ def build_variants(
             raise PipelineError(
                 f"benchmark.variants: {name} needs the merged checkpoint (set export.merge, then: dvc repro export)"
             )
+        if kind.checkpoint == "recovered" and (path is None or not (Path(path) / "config.json").is_file()):
+            raise PipelineError(f"benchmark.variants: {name} needs the recovered checkpoint (run: dvc repro recover)")
         if path is None:
             raise PipelineError(f"benchmark.variants: {name} needs the pruned checkpoint (run: dvc repro export)")
         table = None
@@ -408,6 +413,7 @@ def build_variants(
                 pruned=kind.checkpoint != "original",
                 top_k=kind.top_k,
                 merged=kind.checkpoint == "merged",
+                recovered=kind.checkpoint == "recovered",
             )
         )
     return out
@@ -426,6 +432,7 @@ def variant_params(
         "variant": variant.name,
         "pruned": variant.pruned,
         "merged": variant.merged,
+        "recovered": variant.recovered,
         "skip": variant.skip,
         "static_top_k": variant.top_k,
         "experts_per_layer": experts_per_layer,

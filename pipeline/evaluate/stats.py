@@ -192,6 +192,27 @@ def compare_perplexity(
     return Comparison(point, interval, verdict(interval, False), int(a.size))
 
 
+def gap_closed(
+    metric: str,
+    original_ll: Sequence[float],
+    pruned_ll: Sequence[float],
+    recovered_ll: Sequence[float],
+    counts: Sequence[float],
+) -> tuple[float, Interval | None]:
+    """Fraction of the original-vs-pruned gap of a corpus-level perplexity metric that recovery closes,
+    ``(m_pruned - m_recovered) / (m_pruned - m_original)`` (1: back to the original, 0: no change, < 0:
+    worse), with a paired bootstrap interval over documents (all three models on the same documents)."""
+    o, p, r, n = (np.asarray(x, dtype=np.float64) for x in (original_ll, pruned_ll, recovered_ll, counts))
+
+    def statistic(x: np.ndarray, y: np.ndarray, z: np.ndarray, c: np.ndarray, axis: int = -1) -> np.ndarray:
+        base, pruned = corpus_metric(metric, x, c, axis), corpus_metric(metric, y, c, axis)
+        return (pruned - corpus_metric(metric, z, c, axis)) / (pruned - base)
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        point = float(statistic(o, p, r, n))
+        return point, _bootstrap([o, p, r, n], statistic, paired=True)
+
+
 @dataclass(frozen=True)
 class Spread:
     """Median, range and quartiles of one variant's tokens/s over the timed rounds."""
