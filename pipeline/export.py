@@ -310,12 +310,16 @@ def prune_model(
             )
     if source is not None:
         detach_layer_source(model)  # every layer is in memory now: an ordinary model from here on
+    prior_kept = getattr(model.config, KEPT_KEY, None)
+    prior_pruning = getattr(model.config, PRUNING_KEY, None)
     adapter.adopt_pruned_config(model, pruned_config, selection.r)
-    setattr(model.config, KEPT_KEY, {str(i): list(ids) for i, ids in selection.kept.items()})
+    setattr(model.config, KEPT_KEY, compose_kept(prior_kept, selection.kept))
+    chain = pruning_chain(prior_pruning, prior_kept)
     setattr(
         model.config,
         PRUNING_KEY,
         {
+            **({"chain": chain} if chain else {}),
             "strategy": selection.strategy,
             "mode": selection.mode,
             "r": selection.r,
@@ -327,6 +331,40 @@ def prune_model(
         },
     )
     return checks
+
+
+def compose_kept(prior: Mapping[str, Sequence[int]] | None, kept: Mapping[int, Sequence[int]]) -> dict[str, list[int]]:
+    """``kept_experts`` of a model pruned to ``kept``, in ids of the original model.
+
+    ``prior`` is the ``kept_experts`` of the model being pruned when it is itself an export (its
+    expert ``e`` of layer ``l`` is original expert ``prior[l][e]``); ``None`` for an original model.
+    """
+    if not prior:
+        return {str(i): [int(e) for e in ids] for i, ids in kept.items()}
+    out: dict[str, list[int]] = {}
+    for i, ids in kept.items():
+        before = prior.get(str(i))
+        if before is None:
+            raise PipelineError(f"config.json: kept_experts has no layer {i}, which the new selection prunes")
+        if ids and max(ids) >= len(before):
+            raise PipelineError(f"config.json: kept_experts of layer {i} lists {len(before)} experts, the selection keeps id {max(ids)}")
+        out[str(i)] = [int(before[e]) for e in ids]
+    return out
+
+
+def pruning_chain(prior: Mapping[str, Any] | None, prior_kept: Mapping[str, Sequence[int]] | None) -> list[dict[str, Any]]:
+    """The earlier prunings of a model being pruned again, oldest first (empty for an original model).
+
+    Each step is that export's ``pruning`` record (without its own chain) plus its ``kept_experts``
+    in original ids.
+    """
+    if not prior:
+        return []
+    steps = [dict(step) for step in prior.get("chain", [])]
+    last = {k: v for k, v in prior.items() if k != "chain"}
+    if prior_kept is not None:
+        last[KEPT_KEY] = {str(k): list(v) for k, v in prior_kept.items()}
+    return [*steps, last]
 
 
 def _check_merge(merge: str, inputs: Callable[[int], torch.Tensor] | None) -> None:
@@ -441,13 +479,18 @@ def model_card(
     source_fingerprint: str | None = None,
     top_k: int | None = None,
     merged: bool = False,
+    kept_original: Mapping[str, Sequence[int]] | None = None,
+    chain: Sequence[Mapping[str, Any]] = (),
 ) -> str:
     """README.md of the exported checkpoint: what was removed, the losses, how it was made and loaded.
 
     ``top_k``: the lowered experts per token (static top-k reduction), if any; ``merged``: the card of
     the merged checkpoint, with a table of what was merged into what (from each check's ``merge``).
+    ``kept_original``: the kept ids in the original model's numbering (the config's ``kept_experts``)
+    when the source was itself pruned, whose earlier prunings ``chain`` lists (:func:`pruning_chain`).
     """
     n, r = selection.num_experts, selection.r
+    n_original = int(chain[0].get("num_experts_original", n)) if chain else n
     baseline_names = sorted({name for b in selection.baselines.values() for name in b})
     check_by_layer = {c.layer: c for c in checks}
     lines = [
@@ -474,6 +517,7 @@ def model_card(
         f"- selection SHA-256: `{selection.sha256}`",
         "- the router keeps only the rows of the kept experts (ascending original id); shared experts are unchanged",
         "",
+        *_chain_lines(selection, chain),
         "## Size",
         "",
         "| | parameters | weight bytes |",
@@ -483,7 +527,9 @@ def model_card(
         "",
         "## Kept experts per layer",
         "",
-        "Original expert ids; `config.json` holds the same map under `kept_experts`.",
+        "Original expert ids"
+        + (f" (of the first model's {n_original}, through the chain of prunings above)" if chain else "")
+        + "; `config.json` holds the same map under `kept_experts`.",
         "",
     ]
     header = "| layer | kept | dropped | loss |" + "".join(f" {b} loss |" for b in baseline_names)
@@ -491,7 +537,9 @@ def model_card(
         header += " export vs search (rel. error) |"
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
     for layer, ids in selection.kept.items():
-        dropped = sorted(set(range(n)) - set(ids))
+        if kept_original is not None:
+            ids = list(kept_original[str(layer)])
+        dropped = sorted(set(range(n_original)) - set(ids))
         loss = selection.losses.get(layer)
         row = f"| {layer} | {ids} | {dropped} | {'' if loss is None else f'{loss:.6g}'} |"
         for b in baseline_names:
@@ -551,6 +599,28 @@ def model_card(
         "",
     ]
     return "\n".join(lines)
+
+
+def _chain_lines(selection: Selection, chain: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The card's "Chain of prunings" section (nothing for a first pruning)."""
+    if not chain:
+        return []
+    lines = [
+        "## Chain of prunings",
+        "",
+        "The source was itself pruned by this tool; each step pruned the previous step's checkpoint.",
+        "",
+        "| step | strategy | experts per layer | selection SHA-256 |",
+        "|---:|---|---|---|",
+    ]
+    steps = [*chain, {"strategy": selection.strategy, "r": selection.r, "num_experts_original": selection.num_experts,
+                      "selection_sha256": selection.sha256}]
+    for number, step in enumerate(steps, 1):
+        lines.append(
+            f"| {number} | `{step.get('strategy')}` | {step.get('r')} of {step.get('num_experts_original')} | "
+            f"`{step.get('selection_sha256')}` |"
+        )
+    return [*lines, ""]
 
 
 def checkpoint_files_bytes(path: Path) -> int:
@@ -629,7 +699,10 @@ def export_pruned(
     if top_k is not None:
         apply_top_k(model, adapter, top_k)
     params_after, bytes_after = parameter_stats(model)
+    chain = (getattr(model.config, PRUNING_KEY, None) or {}).get("chain", [])
     card_args: dict[str, Any] = dict(
+        kept_original=getattr(model.config, KEPT_KEY) if chain else None,
+        chain=chain,
         source=source or str(getattr(model.config, "_name_or_path", "") or "model"),
         params_before=params_before,
         params_after=params_after,
@@ -682,6 +755,7 @@ __all__ = [
     "PRUNING_KEY",
     "apply_merges",
     "apply_top_k",
+    "compose_kept",
     "ExportReport",
     "LayerCheck",
     "Selection",
@@ -689,6 +763,7 @@ __all__ = [
     "model_card",
     "parameter_stats",
     "prune_model",
+    "pruning_chain",
     "save_checkpoint",
     "validate_for_model",
     "validate_selection",
