@@ -68,6 +68,18 @@ class Selection:
     sha256: str = ""
     origin: str = "selection"
     loss_batch_size: int = 1
+    #: ``uniform`` (``r`` experts in every layer) or ``global`` (``r`` on average, per-layer counts).
+    allocation: str = "uniform"
+
+    @property
+    def counts(self) -> dict[int, int]:
+        """Experts each MoE layer keeps."""
+        return {layer: len(ids) for layer, ids in self.kept.items()}
+
+    @property
+    def uniform(self) -> bool:
+        """Whether every layer keeps the same number of experts."""
+        return len(set(self.counts.values())) <= 1
 
     @classmethod
     def from_dict(cls, data: Any, origin: str = "selection", sha256: str | None = None) -> Selection:
@@ -117,6 +129,7 @@ class Selection:
             sha256=sha256,
             origin=origin,
             loss_batch_size=int(data.get("loss_batch_size") or 1),
+            allocation=str(data.get("allocation", "uniform")),
         )
 
     @classmethod
@@ -176,9 +189,18 @@ def validate_selection(
         raise PipelineError(
             f"{where}: lists MoE layers {sorted(selection.kept)}, the model's MoE layers are {sorted(moe_layers)}"
         )
+    if selection.allocation not in ("uniform", "global"):
+        raise PipelineError(f"{where}: allocation {selection.allocation!r} is neither uniform nor global")
+    if selection.allocation == "global" and sum(selection.counts.values()) != selection.r * len(selection.kept):
+        raise PipelineError(
+            f"{where}: the layers keep {sum(selection.counts.values())} experts in all, expected "
+            f"r x layers = {selection.r * len(selection.kept)}"
+        )
     for layer, ids in selection.kept.items():
-        if len(ids) != selection.r:
+        if selection.allocation == "uniform" and len(ids) != selection.r:
             raise PipelineError(f"{where}: layer {layer} keeps {len(ids)} experts, expected r={selection.r}")
+        if not top_k <= len(ids) <= num_experts:
+            raise PipelineError(f"{where}: layer {layer} keeps {len(ids)} experts, expected {top_k}..{num_experts}")
         if len(set(ids)) != len(ids) or ids[0] < 0 or ids[-1] >= num_experts:
             raise PipelineError(f"{where}: layer {layer}: kept ids {ids} must be distinct and in 0..{num_experts - 1}")
 
