@@ -34,6 +34,7 @@ from pipeline.io import atomic_dir, dumps_json, read_json, sha256_bytes
 from pipeline.merging import METHODS as MERGE_METHODS
 from pipeline.merging import LayerMerge, apply_merge, merge_layer
 from pipeline.models.base import MoEAdapter
+from pipeline.models.loading import COUNTS_KEY
 from pipeline.models.outputs import block_outputs, search_output
 from pipeline.offload import detach_layer_source, layer_source
 
@@ -284,7 +285,7 @@ def prune_model(
     validate_for_model(selection, model, adapter, source_fingerprint)
     _check_merge(merge, inputs)
     config = model.config
-    pruned_config = adapter.pruned_config(config, selection.r)
+    pruned_configs = {count: adapter.pruned_config(config, count) for count in sorted(set(selection.counts.values()))}
     layers = adapter.decoder_layers(model)
     dtype = next(model.parameters()).dtype
     tol = TOLERANCE.get(dtype, 1e-2) if tolerance is None else tolerance
@@ -299,6 +300,7 @@ def prune_model(
         layer = layers[i]
         block = adapter.moe_block(layer)
         kept = selection.kept[i]
+        pruned_config = pruned_configs[len(kept)]
         if inputs is None:
             adapter.set_moe_block(layer, adapter.prune_block(block, kept, pruned_config, i))
             continue
@@ -334,7 +336,12 @@ def prune_model(
         detach_layer_source(model)  # every layer is in memory now: an ordinary model from here on
     prior_kept = getattr(model.config, KEPT_KEY, None)
     prior_pruning = getattr(model.config, PRUNING_KEY, None)
-    adapter.adopt_pruned_config(model, pruned_config, selection.r)
+    for count, pruned_config in pruned_configs.items():  # ascending: the config ends with the largest count
+        adapter.adopt_pruned_config(model, pruned_config, count)
+    if selection.uniform:
+        model.config.__dict__.pop(COUNTS_KEY, None)
+    else:
+        setattr(model.config, COUNTS_KEY, {str(i): c for i, c in selection.counts.items()})
     setattr(model.config, KEPT_KEY, compose_kept(prior_kept, selection.kept))
     chain = pruning_chain(prior_pruning, prior_kept)
     setattr(
@@ -342,6 +349,8 @@ def prune_model(
         PRUNING_KEY,
         {
             **({"chain": chain} if chain else {}),
+            **({} if selection.uniform else {"allocation": selection.allocation,
+                                              "total_experts": sum(selection.counts.values())}),
             "strategy": selection.strategy,
             "mode": selection.mode,
             "r": selection.r,
@@ -521,10 +530,15 @@ def model_card(
         "tags: [mixture-of-experts, expert-pruning]",
         "---",
         "",
-        f"# {Path(source).name or source}: {r} of {n} experts per MoE layer" + (", merged" if merged else ""),
+        f"# {Path(source).name or source}: "
+        + (f"{r} of {n} experts per MoE layer" if selection.uniform
+           else f"{sum(selection.counts.values())} experts in {len(selection.kept)} MoE layers ({r} of {n} on average)")
+        + (", merged" if merged else ""),
         "",
-        f"Expert-pruned version of `{source}`{f' ({model_type})' if model_type else ''}: every MoE layer keeps "
-        f"{r} of its {n} routed experts ("
+        f"Expert-pruned version of `{source}`{f' ({model_type})' if model_type else ''}: "
+        + (f"every MoE layer keeps {r} of its {n} routed experts (" if selection.uniform else
+           f"the MoE layers keep {', '.join(str(c) for c in selection.counts.values())} of their {n} routed experts "
+           "(one global budget split across layers by the search, `search.allocation: global`; ")
         + (f"top-{top_k} routing instead of the original top-{selection.top_k}: static top-k reduction"
            if top_k is not None else f"top-{selection.top_k} routing unchanged")
         + "), chosen to minimise the reconstruction loss of the layer's output on calibration data (Lu et al., "
@@ -600,15 +614,34 @@ def model_card(
             *(f"| {m.layer} | {m.strength:g} | {m.loss_pruned or 0:.6g} | {m.loss_merged or 0:.6g} | "
               f"{m.loss_by_strength.get(1.0, float('nan')):.6g} |" for m in merges),
         ]
+    loading = (
+        [
+            "```python",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "model = AutoModelForCausalLM.from_pretrained(PATH)  # no trust_remote_code needed",
+            "tokenizer = AutoTokenizer.from_pretrained(PATH)",
+            "```",
+        ]
+        if selection.uniform
+        else [
+            "The MoE layers hold different numbers of experts (`experts_per_layer` in `config.json`; the config's "
+            "expert count is the largest). Plain `AutoModelForCausalLM.from_pretrained`, vLLM and llama.cpp build every "
+            "layer with one count and refuse these weights; load it with this project's call, which builds the model "
+            "from transformers' own classes with each layer at its count:",
+            "",
+            "```python",
+            "from pipeline.models.loading import load_model",
+            "from transformers import AutoTokenizer",
+            "model = load_model(PATH)",
+            "tokenizer = AutoTokenizer.from_pretrained(PATH)",
+            "```",
+        ]
+    )
     lines += [
         "",
         "## Loading",
         "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "model = AutoModelForCausalLM.from_pretrained(PATH)  # no trust_remote_code needed",
-        "tokenizer = AutoTokenizer.from_pretrained(PATH)",
-        "```",
+        *loading,
         "",
         "Dynamic expert skipping (when `config.json` has `expert_skip_thresholds`):",
         "",
