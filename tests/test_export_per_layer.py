@@ -177,3 +177,32 @@ def test_skipping_on_a_per_layer_checkpoint(tmp_path: Path, model_type: str) -> 
             skipped = again(input_ids=ids).logits
     torch.testing.assert_close(unskipped, plain)
     assert handle.stats()["skipped_fraction"] > 0 and not torch.equal(skipped, plain)
+
+
+def test_repruning_a_per_layer_export_records_original_ids(tmp_path: Path) -> None:
+    """A non-uniform export pruned again (uniformly): kept_experts in the original model's ids, chain in the card."""
+    model = tiny_model()
+    adapter = get_adapter(model.config)
+    first = per_layer_selection(model, seed=3)
+    export_pruned(model, adapter, first, tmp_path / "one", progress=False)
+    once = load_model(tmp_path / "one")
+    second = Selection.from_dict({
+        "r": 2, "num_experts": max(first.counts.values()), "top_k": 2, "strategy": "enumerate",
+        "layers": [{"layer": i, "kept": [0, len(ids) - 1]} for i, ids in first.kept.items()],
+    })
+    export_pruned(once, get_adapter(once.config), second, tmp_path / "two", progress=False)
+    config = json.loads((tmp_path / "two" / "config.json").read_text())
+    assert config["kept_experts"] == {str(i): [ids[0], ids[-1]] for i, ids in first.kept.items()}
+    assert COUNTS_KEY not in config and config["num_local_experts"] == 2
+    assert config["pruning"]["chain"][0]["allocation"] == "global"
+    assert "## Chain of prunings" in (tmp_path / "two" / "README.md").read_text()
+    twice = load_model(tmp_path / "two")
+    ids = calibration_ids()
+    original = tiny_model()
+    handles = mask_dropped(original, {i: [v[0], v[-1]] for i, v in first.kept.items()})
+    with torch.no_grad():
+        expected = original(input_ids=ids).logits
+    for h in handles:
+        h.remove()
+    with torch.no_grad():
+        torch.testing.assert_close(twice(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-5)
