@@ -12,6 +12,7 @@ from torch import nn
 from pipeline.errors import PipelineError
 from pipeline.export import Selection, export_pruned
 from pipeline.models import get_adapter, supported_model_types
+from pipeline.models.base import MoEAdapter
 from pipeline.models.loading import COUNTS_KEY, load_model
 from tests.factory import TINY_CONFIGS, tiny_model
 
@@ -50,7 +51,7 @@ def mask_dropped(model: nn.Module, kept: dict[int, list[int]]) -> list:
             continue
         seen: dict[str, torch.Tensor] = {}
         router = getattr(block, adapter.router_attr)
-        if isinstance(router, nn.Linear):  # Llama 4: the router is the linear layer, (sigmoid top-k scores, logits)
+        if type(adapter).add_router_transform is not MoEAdapter.add_router_transform:  # Llama 4: (sigmoid scores, logits)
             handles.append(router.register_forward_hook(_masked_linear_router(kept[i])))
             continue
         handles.append(router.register_forward_pre_hook(lambda _m, args, seen=seen: seen.__setitem__("x", args[0])))
