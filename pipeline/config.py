@@ -325,6 +325,10 @@ class EvolutionaryParams(Section):
     budget: PosInt = Field(400, description="candidates evaluated in all")
 
 
+#: Strategies that report the best set of every size (``search.allocation: global``).
+GLOBAL_STRATEGIES = ("auto", "enumerate", "greedy", "beam")
+
+
 class SearchParams(Section):
     """Which ``r`` of the ``n`` experts each MoE layer keeps."""
 
@@ -333,7 +337,12 @@ class SearchParams(Section):
         min_length=1,
         description="which calibration set's activations drive the search",
     )
-    r: int = Field(6, description="experts kept per MoE layer (top_k <= r < num_experts)")
+    r: int = Field(6, description="experts kept per MoE layer (top_k <= r < num_experts); the mean under allocation global")
+    allocation: Literal["uniform", "global"] = Field(
+        "uniform",
+        description="uniform (r in every layer) | global (r x layers in all, split across layers to minimise "
+        "the sum of relative losses; layerwise mode, strategy auto, enumerate, greedy or beam)",
+    )
     strategy: StrategyName = Field(
         "auto", description="how each layer's kept set is chosen (the strategies of docs/search.md)"
     )
@@ -358,6 +367,18 @@ class SearchParams(Section):
     def _r(cls, v: int) -> int:
         _value_error(validate_r, v)
         return v
+
+    @model_validator(mode="after")
+    def _allocation(self) -> SearchParams:
+        if self.allocation == "global":
+            if self.mode != "layerwise":
+                raise ValueError("allocation global needs mode layerwise (progressive mode prunes each layer before the next is searched)")
+            if self.strategy not in GLOBAL_STRATEGIES:
+                raise ValueError(
+                    f"allocation global needs a strategy that scores every size ({', '.join(GLOBAL_STRATEGIES)}), "
+                    f"not {self.strategy!r}"
+                )
+        return self
 
 
 class ExportParams(Section):

@@ -34,6 +34,7 @@ from pipeline.io import atomic_dir, dumps_json, read_json, sha256_bytes
 from pipeline.merging import METHODS as MERGE_METHODS
 from pipeline.merging import LayerMerge, apply_merge, merge_layer
 from pipeline.models.base import MoEAdapter
+from pipeline.models.loading import COUNTS_KEY
 from pipeline.models.outputs import block_outputs, search_output
 from pipeline.offload import detach_layer_source, layer_source
 
@@ -68,6 +69,18 @@ class Selection:
     sha256: str = ""
     origin: str = "selection"
     loss_batch_size: int = 1
+    #: ``uniform`` (``r`` experts in every layer) or ``global`` (``r`` on average, per-layer counts).
+    allocation: str = "uniform"
+
+    @property
+    def counts(self) -> dict[int, int]:
+        """Experts each MoE layer keeps."""
+        return {layer: len(ids) for layer, ids in self.kept.items()}
+
+    @property
+    def uniform(self) -> bool:
+        """Whether every layer keeps the same number of experts."""
+        return len(set(self.counts.values())) <= 1
 
     @classmethod
     def from_dict(cls, data: Any, origin: str = "selection", sha256: str | None = None) -> Selection:
@@ -117,6 +130,7 @@ class Selection:
             sha256=sha256,
             origin=origin,
             loss_batch_size=int(data.get("loss_batch_size") or 1),
+            allocation=str(data.get("allocation", "uniform")),
         )
 
     @classmethod
@@ -176,9 +190,18 @@ def validate_selection(
         raise PipelineError(
             f"{where}: lists MoE layers {sorted(selection.kept)}, the model's MoE layers are {sorted(moe_layers)}"
         )
+    if selection.allocation not in ("uniform", "global"):
+        raise PipelineError(f"{where}: allocation {selection.allocation!r} is neither uniform nor global")
+    if selection.allocation == "global" and sum(selection.counts.values()) != selection.r * len(selection.kept):
+        raise PipelineError(
+            f"{where}: the layers keep {sum(selection.counts.values())} experts in all, expected "
+            f"r x layers = {selection.r * len(selection.kept)}"
+        )
     for layer, ids in selection.kept.items():
-        if len(ids) != selection.r:
+        if selection.allocation == "uniform" and len(ids) != selection.r:
             raise PipelineError(f"{where}: layer {layer} keeps {len(ids)} experts, expected r={selection.r}")
+        if not top_k <= len(ids) <= num_experts:
+            raise PipelineError(f"{where}: layer {layer} keeps {len(ids)} experts, expected {top_k}..{num_experts}")
         if len(set(ids)) != len(ids) or ids[0] < 0 or ids[-1] >= num_experts:
             raise PipelineError(f"{where}: layer {layer}: kept ids {ids} must be distinct and in 0..{num_experts - 1}")
 
@@ -262,7 +285,7 @@ def prune_model(
     validate_for_model(selection, model, adapter, source_fingerprint)
     _check_merge(merge, inputs)
     config = model.config
-    pruned_config = adapter.pruned_config(config, selection.r)
+    pruned_configs = {count: adapter.pruned_config(config, count) for count in sorted(set(selection.counts.values()))}
     layers = adapter.decoder_layers(model)
     dtype = next(model.parameters()).dtype
     tol = TOLERANCE.get(dtype, 1e-2) if tolerance is None else tolerance
@@ -277,6 +300,7 @@ def prune_model(
         layer = layers[i]
         block = adapter.moe_block(layer)
         kept = selection.kept[i]
+        pruned_config = pruned_configs[len(kept)]
         if inputs is None:
             adapter.set_moe_block(layer, adapter.prune_block(block, kept, pruned_config, i))
             continue
@@ -310,12 +334,23 @@ def prune_model(
             )
     if source is not None:
         detach_layer_source(model)  # every layer is in memory now: an ordinary model from here on
-    adapter.adopt_pruned_config(model, pruned_config, selection.r)
-    setattr(model.config, KEPT_KEY, {str(i): list(ids) for i, ids in selection.kept.items()})
+    prior_kept = getattr(model.config, KEPT_KEY, None)
+    prior_pruning = getattr(model.config, PRUNING_KEY, None)
+    for count, pruned_config in pruned_configs.items():  # ascending: the config ends with the largest count
+        adapter.adopt_pruned_config(model, pruned_config, count)
+    if selection.uniform:
+        model.config.__dict__.pop(COUNTS_KEY, None)
+    else:
+        setattr(model.config, COUNTS_KEY, {str(i): c for i, c in selection.counts.items()})
+    setattr(model.config, KEPT_KEY, compose_kept(prior_kept, selection.kept))
+    chain = pruning_chain(prior_pruning, prior_kept)
     setattr(
         model.config,
         PRUNING_KEY,
         {
+            **({"chain": chain} if chain else {}),
+            **({} if selection.uniform else {"allocation": selection.allocation,
+                                              "total_experts": sum(selection.counts.values())}),
             "strategy": selection.strategy,
             "mode": selection.mode,
             "r": selection.r,
@@ -327,6 +362,40 @@ def prune_model(
         },
     )
     return checks
+
+
+def compose_kept(prior: Mapping[str, Sequence[int]] | None, kept: Mapping[int, Sequence[int]]) -> dict[str, list[int]]:
+    """``kept_experts`` of a model pruned to ``kept``, in ids of the original model.
+
+    ``prior`` is the ``kept_experts`` of the model being pruned when it is itself an export (its
+    expert ``e`` of layer ``l`` is original expert ``prior[l][e]``); ``None`` for an original model.
+    """
+    if not prior:
+        return {str(i): [int(e) for e in ids] for i, ids in kept.items()}
+    out: dict[str, list[int]] = {}
+    for i, ids in kept.items():
+        before = prior.get(str(i))
+        if before is None:
+            raise PipelineError(f"config.json: kept_experts has no layer {i}, which the new selection prunes")
+        if ids and max(ids) >= len(before):
+            raise PipelineError(f"config.json: kept_experts of layer {i} lists {len(before)} experts, the selection keeps id {max(ids)}")
+        out[str(i)] = [int(before[e]) for e in ids]
+    return out
+
+
+def pruning_chain(prior: Mapping[str, Any] | None, prior_kept: Mapping[str, Sequence[int]] | None) -> list[dict[str, Any]]:
+    """The earlier prunings of a model being pruned again, oldest first (empty for an original model).
+
+    Each step is that export's ``pruning`` record (without its own chain) plus its ``kept_experts``
+    in original ids.
+    """
+    if not prior:
+        return []
+    steps = [dict(step) for step in prior.get("chain", [])]
+    last = {k: v for k, v in prior.items() if k != "chain"}
+    if prior_kept is not None:
+        last[KEPT_KEY] = {str(k): list(v) for k, v in prior_kept.items()}
+    return [*steps, last]
 
 
 def _check_merge(merge: str, inputs: Callable[[int], torch.Tensor] | None) -> None:
@@ -441,13 +510,18 @@ def model_card(
     source_fingerprint: str | None = None,
     top_k: int | None = None,
     merged: bool = False,
+    kept_original: Mapping[str, Sequence[int]] | None = None,
+    chain: Sequence[Mapping[str, Any]] = (),
 ) -> str:
     """README.md of the exported checkpoint: what was removed, the losses, how it was made and loaded.
 
     ``top_k``: the lowered experts per token (static top-k reduction), if any; ``merged``: the card of
     the merged checkpoint, with a table of what was merged into what (from each check's ``merge``).
+    ``kept_original``: the kept ids in the original model's numbering (the config's ``kept_experts``)
+    when the source was itself pruned, whose earlier prunings ``chain`` lists (:func:`pruning_chain`).
     """
     n, r = selection.num_experts, selection.r
+    n_original = int(chain[0].get("num_experts_original", n)) if chain else n
     baseline_names = sorted({name for b in selection.baselines.values() for name in b})
     check_by_layer = {c.layer: c for c in checks}
     lines = [
@@ -456,10 +530,15 @@ def model_card(
         "tags: [mixture-of-experts, expert-pruning]",
         "---",
         "",
-        f"# {Path(source).name or source}: {r} of {n} experts per MoE layer" + (", merged" if merged else ""),
+        f"# {Path(source).name or source}: "
+        + (f"{r} of {n} experts per MoE layer" if selection.uniform
+           else f"{sum(selection.counts.values())} experts in {len(selection.kept)} MoE layers ({r} of {n} on average)")
+        + (", merged" if merged else ""),
         "",
-        f"Expert-pruned version of `{source}`{f' ({model_type})' if model_type else ''}: every MoE layer keeps "
-        f"{r} of its {n} routed experts ("
+        f"Expert-pruned version of `{source}`{f' ({model_type})' if model_type else ''}: "
+        + (f"every MoE layer keeps {r} of its {n} routed experts (" if selection.uniform else
+           f"the MoE layers keep {', '.join(str(c) for c in selection.counts.values())} of their {n} routed experts "
+           "(one global budget split across layers by the search, `search.allocation: global`; ")
         + (f"top-{top_k} routing instead of the original top-{selection.top_k}: static top-k reduction"
            if top_k is not None else f"top-{selection.top_k} routing unchanged")
         + "), chosen to minimise the reconstruction loss of the layer's output on calibration data (Lu et al., "
@@ -474,6 +553,7 @@ def model_card(
         f"- selection SHA-256: `{selection.sha256}`",
         "- the router keeps only the rows of the kept experts (ascending original id); shared experts are unchanged",
         "",
+        *_chain_lines(selection, chain),
         "## Size",
         "",
         "| | parameters | weight bytes |",
@@ -483,7 +563,9 @@ def model_card(
         "",
         "## Kept experts per layer",
         "",
-        "Original expert ids; `config.json` holds the same map under `kept_experts`.",
+        "Original expert ids"
+        + (f" (of the first model's {n_original}, through the chain of prunings above)" if chain else "")
+        + "; `config.json` holds the same map under `kept_experts`.",
         "",
     ]
     header = "| layer | kept | dropped | loss |" + "".join(f" {b} loss |" for b in baseline_names)
@@ -491,7 +573,9 @@ def model_card(
         header += " export vs search (rel. error) |"
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
     for layer, ids in selection.kept.items():
-        dropped = sorted(set(range(n)) - set(ids))
+        if kept_original is not None:
+            ids = list(kept_original[str(layer)])
+        dropped = sorted(set(range(n_original)) - set(ids))
         loss = selection.losses.get(layer)
         row = f"| {layer} | {ids} | {dropped} | {'' if loss is None else f'{loss:.6g}'} |"
         for b in baseline_names:
@@ -530,15 +614,34 @@ def model_card(
             *(f"| {m.layer} | {m.strength:g} | {m.loss_pruned or 0:.6g} | {m.loss_merged or 0:.6g} | "
               f"{m.loss_by_strength.get(1.0, float('nan')):.6g} |" for m in merges),
         ]
+    loading = (
+        [
+            "```python",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "model = AutoModelForCausalLM.from_pretrained(PATH)  # no trust_remote_code needed",
+            "tokenizer = AutoTokenizer.from_pretrained(PATH)",
+            "```",
+        ]
+        if selection.uniform
+        else [
+            "The MoE layers hold different numbers of experts (`experts_per_layer` in `config.json`; the config's "
+            "expert count is the largest). Plain `AutoModelForCausalLM.from_pretrained`, vLLM and llama.cpp build every "
+            "layer with one count and refuse these weights; load it with this project's call, which builds the model "
+            "from transformers' own classes with each layer at its count:",
+            "",
+            "```python",
+            "from pipeline.models.loading import load_model",
+            "from transformers import AutoTokenizer",
+            "model = load_model(PATH)",
+            "tokenizer = AutoTokenizer.from_pretrained(PATH)",
+            "```",
+        ]
+    )
     lines += [
         "",
         "## Loading",
         "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "model = AutoModelForCausalLM.from_pretrained(PATH)  # no trust_remote_code needed",
-        "tokenizer = AutoTokenizer.from_pretrained(PATH)",
-        "```",
+        *loading,
         "",
         "Dynamic expert skipping (when `config.json` has `expert_skip_thresholds`):",
         "",
@@ -551,6 +654,28 @@ def model_card(
         "",
     ]
     return "\n".join(lines)
+
+
+def _chain_lines(selection: Selection, chain: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The card's "Chain of prunings" section (nothing for a first pruning)."""
+    if not chain:
+        return []
+    lines = [
+        "## Chain of prunings",
+        "",
+        "The source was itself pruned by this tool; each step pruned the previous step's checkpoint.",
+        "",
+        "| step | strategy | experts per layer | selection SHA-256 |",
+        "|---:|---|---|---|",
+    ]
+    steps = [*chain, {"strategy": selection.strategy, "r": selection.r, "num_experts_original": selection.num_experts,
+                      "selection_sha256": selection.sha256}]
+    for number, step in enumerate(steps, 1):
+        lines.append(
+            f"| {number} | `{step.get('strategy')}` | {step.get('r')} of {step.get('num_experts_original')} | "
+            f"`{step.get('selection_sha256')}` |"
+        )
+    return [*lines, ""]
 
 
 def checkpoint_files_bytes(path: Path) -> int:
@@ -629,7 +754,10 @@ def export_pruned(
     if top_k is not None:
         apply_top_k(model, adapter, top_k)
     params_after, bytes_after = parameter_stats(model)
+    chain = (getattr(model.config, PRUNING_KEY, None) or {}).get("chain", [])
     card_args: dict[str, Any] = dict(
+        kept_original=getattr(model.config, KEPT_KEY) if chain else None,
+        chain=chain,
         source=source or str(getattr(model.config, "_name_or_path", "") or "model"),
         params_before=params_before,
         params_after=params_after,
@@ -682,6 +810,7 @@ __all__ = [
     "PRUNING_KEY",
     "apply_merges",
     "apply_top_k",
+    "compose_kept",
     "ExportReport",
     "LayerCheck",
     "Selection",
@@ -689,6 +818,7 @@ __all__ = [
     "model_card",
     "parameter_stats",
     "prune_model",
+    "pruning_chain",
     "save_checkpoint",
     "validate_for_model",
     "validate_selection",

@@ -16,6 +16,7 @@ from pipeline.models import get_adapter
 from pipeline.models.loading import ModelManifest, checkpoint_fingerprint, load_model
 from pipeline.runtime import cuda_peak_bytes, dtype_name, resolve_device, resolve_dtype, seed_everything
 from pipeline.search import report
+from pipeline.search.allocation import allocate
 from pipeline.search.run import LayerResult, routing_usage, run_layerwise, run_progressive
 from stages.common import StageContext, calibration_dir, stage, stage_dir
 
@@ -79,6 +80,8 @@ def main(ctx: StageContext) -> None:
         results = run_layerwise(model, adapter, model.config, cache.layers, cache.load, p,
                                 device=device, work_dir=work, on_layer=on_layer)
         usage = {r.layer: r.usage for r in results}
+        if p.allocation == "global":
+            results = allocate(results, p.r)
     else:
         results = run_progressive(model, adapter, model.config, calib.input_ids, p, batch_size=batch_size,
                                   device=device, work_dir=work, on_layer=on_layer)
@@ -94,7 +97,8 @@ def main(ctx: StageContext) -> None:
         metrics["peak_cuda_bytes"] = flat["peak_cuda_bytes"] = max(peaks)
     write_json(ctx.out / "metrics.json", metrics)
     ctx.run.log_metrics(flat)
-    ctx.run.set_tags({"search.strategy": doc["strategy"], "search.resumed_layers": len(resumed_layers)})
+    ctx.run.set_tags({"search.strategy": doc["strategy"], "search.resumed_layers": len(resumed_layers),
+                      "search.allocation": p.allocation})
     ctx.run.log_artifact(ctx.out / "selection.json")
     for path in files:
         if path.stat().st_size > MAX_ARTIFACT_BYTES:  # e.g. the candidate table of a large enumeration

@@ -296,3 +296,41 @@ def test_prune_block_with_module_list_experts() -> None:
     for j, e in enumerate(kept):
         assert torch.equal(new.experts[j].w1.weight, block.experts[e].w1.weight)
         assert torch.equal(new.experts[j].w2.weight, block.experts[e].w2.weight)
+
+
+def test_repruning_records_original_ids_and_the_chain(tmp_path: Path) -> None:
+    """Pruning an export twice: kept_experts stays in the original model's ids; the card shows each step."""
+    ids = calibration_ids()
+    original = tiny_model()
+    adapter = get_adapter(original.config)
+    first = Selection.from_dict(selection_dict(original, r=6, seed=1), origin="first")
+    model = tiny_model()
+    export_pruned(model, adapter, first, tmp_path / "one", progress=False)
+    once = load(tmp_path / "one")
+    second = Selection.from_dict(selection_dict(once, r=4, seed=2, model_fingerprint="one"), origin="second")
+    export_pruned(once, get_adapter(once.config), second, tmp_path / "two", progress=False)
+    twice = load(tmp_path / "two")
+    third = Selection.from_dict(selection_dict(twice, r=3, seed=5, model_fingerprint="two"), origin="third")
+    export_pruned(twice, get_adapter(twice.config), third, tmp_path / "three", progress=False)
+    final = load(tmp_path / "three")
+    expected = {
+        str(i): [first.kept[i][second.kept[i][e]] for e in third.kept[i]] for i in first.kept
+    }
+    assert final.config.kept_experts == expected
+    # The thrice-pruned model equals the original pruned once to the composed kept sets.
+    direct = tiny_model()
+    composed = Selection.from_dict(
+        selection_dict(direct, r=3, layers=[{"layer": int(i), "kept": v} for i, v in expected.items()]), origin="direct"
+    )
+    export_pruned(direct, adapter, composed, tmp_path / "direct", progress=False)
+    assert torch.equal(logits(final, ids), logits(load(tmp_path / "direct"), ids))
+    chain = final.config.pruning["chain"]
+    assert [step["r"] for step in chain] == [6, 4] and final.config.pruning["r"] == 3
+    assert chain[0]["kept_experts"] == {str(i): v for i, v in first.kept.items()}
+    assert chain[1]["kept_experts"] == {str(i): [first.kept[i][e] for e in second.kept[i]] for i in first.kept}
+    card = (tmp_path / "three" / "README.md").read_text()
+    assert "## Chain of prunings" in card
+    for number, (r, n, sel) in enumerate([(6, 8, first), (4, 6, second), (3, 4, third)], 1):
+        assert f"| {number} | `enumerate` | {r} of {n} | `{sel.sha256}` |" in card
+    for layer, kept in expected.items():
+        assert f"| {layer} | {kept} | {sorted(set(range(8)) - set(kept))} |" in card

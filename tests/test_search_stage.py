@@ -169,3 +169,36 @@ def test_missing_calibration_file_names_the_param(tmp_path: Path) -> None:
         "is missing); check calibration.sets.arith and run dvc repro calibration@arith"
     ], proc.stderr
     assert not (tmp_path / "outputs" / "search").exists()
+
+
+def test_global_allocation_through_search_and_export_stages(tmp_path: Path) -> None:
+    """search.allocation: global: per-layer counts in selection.json, budget plot, MLflow; export loads per layer."""
+    write_params(tmp_path, allocation="global", strategy="greedy")
+    write_upstream(tmp_path)
+    proc = run_stage(tmp_path, "search")
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "outputs" / "search"
+    sel = json.loads((out / "selection.json").read_text())
+    counts = [layer["r"] for layer in sel["layers"]]
+    assert sel["allocation"] == "global" and sum(counts) == sel["total_experts"] == 4 * 3
+    assert all(len(layer["kept"]) == layer["r"] and [p["r"] for p in layer["curve"]] == list(range(2, 9))
+               for layer in sel["layers"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    relative = sum(layer["relative_loss"] for layer in sel["layers"])
+    uniform = sum(layer["baselines"]["uniform"]["loss"] / layer["output_norm"] for layer in sel["layers"])
+    assert relative <= uniform + 1e-12 and metrics["baselines"]["uniform"] > 0
+    assert (out / "plots" / "budget.png").is_file() and (out / "plots" / "data" / "budget.json").is_file()
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(json.loads((out / "run.json").read_text())["run_id"])
+    assert run.data.tags["search.allocation"] == "global" and "loss_uniform" in run.data.metrics
+    proc = run_stage(tmp_path, "export")
+    assert proc.returncode == 0, proc.stderr
+    exported = tmp_path / "outputs" / "export" / "model"
+    config = json.loads((exported / "config.json").read_text())
+    if len(set(counts)) > 1:
+        assert config["experts_per_layer"] == {str(layer["layer"]): layer["r"] for layer in sel["layers"]}
+    model = load_model(exported)
+    adapter = get_adapter(model.config)
+    assert [adapter.block_num_experts(adapter.moe_block(layer)) for layer in adapter.decoder_layers(model)] == counts

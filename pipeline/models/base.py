@@ -223,6 +223,8 @@ class MoEAdapter:
         bias = self.choice_bias(block)
         n = logits.shape[-1]
         if kept is None or len(kept) == n:
+            if n < self.num_experts(config):  # a smaller layer of a per-layer-count checkpoint: its own count's rule
+                config = self.pruned_config(config, n)
             rule = self.routing_rule(config)
             return rule(logits, bias)
         kept_t = torch.as_tensor(kept, dtype=torch.long, device=logits.device)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from pipeline.errors import PipelineError
 from pipeline.io import read_json, write_json
@@ -157,6 +158,85 @@ def load_config(path: str | os.PathLike[str], trust_remote_code: bool = False) -
         raise PipelineError(f"cannot read the model config in {path}: {exc}") from None
 
 
+#: Config key of a checkpoint whose MoE layers keep different numbers of experts: ``{"<layer>": count}``.
+#: Its expert-count key holds the largest count; plain ``from_pretrained`` cannot load it (docs/architecture.md).
+COUNTS_KEY = "experts_per_layer"
+
+
+def expert_counts(config: Any) -> dict[int, int] | None:
+    """Experts each MoE layer keeps when the checkpoint's counts differ per layer, else None."""
+    counts = getattr(config, COUNTS_KEY, None)
+    if not counts:
+        return None
+    return {int(layer): int(count) for layer, count in counts.items()}
+
+
+def share_config(model: nn.Module, own: Any, shared: Any) -> None:
+    """Point every submodule of ``model`` holding config object ``own`` at ``shared`` instead."""
+    for module in model.modules():
+        if module.__dict__.get("config") is own:
+            module.config = shared
+
+
+def resize_moe_layers(model: nn.Module, counts: dict[int, int]) -> None:
+    """Replace each MoE block whose count differs from the config's by an empty (meta) block of its count.
+
+    The new blocks share the model's config object (so ``set_experts_implementation`` reaches them);
+    their expert and router shapes come from the count they were built for.
+    """
+    from pipeline.models.registry import get_adapter
+
+    config = model.config
+    adapter = get_adapter(config)
+    n = adapter.num_experts(config)
+    text = adapter.text_config(config)
+    layers = adapter.decoder_layers(model)
+    built: dict[int, Any] = {}
+    for i, count in sorted(counts.items()):
+        block = adapter.moe_block(layers[i]) if i < len(layers) else None
+        if block is None:
+            raise PipelineError(f"{COUNTS_KEY}: layer {i} of the config has no MoE block")
+        if count == n:
+            continue
+        pruned = built.setdefault(count, adapter.pruned_config(config, count))
+        new = adapter.new_block(block, pruned, i)
+        share_config(new, adapter.text_config(pruned), text)
+        adapter.set_moe_block(layers[i], new)
+
+
+def per_layer_model_class(base: type) -> type:
+    """``base`` (a transformers model class) building each MoE layer with its own expert count.
+
+    The subclass keeps ``base``'s name and module, so checkpoints it saves name the same
+    architecture; ``from_pretrained`` on it loads a checkpoint with ``experts_per_layer``.
+    """
+    cached = _PER_LAYER_CLASSES.get(base)
+    if cached is not None:
+        return cached
+
+    def __init__(self: Any, config: Any, *args: Any, **kwargs: Any) -> None:
+        base.__init__(self, config, *args, **kwargs)
+        counts = expert_counts(config)
+        if counts:
+            resize_moe_layers(self, counts)
+
+    cls = type(base.__name__, (base,), {"__init__": __init__, "__module__": base.__module__, "__qualname__": base.__qualname__})
+    _PER_LAYER_CLASSES[base] = cls
+    return cls
+
+
+_PER_LAYER_CLASSES: dict[type, type] = {}
+
+
+def causal_lm_class(config: Any) -> type:
+    """The transformers causal-LM class of ``config``, made per-layer aware when its counts differ per layer."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.auto_factory import _get_model_class
+
+    base = _get_model_class(config, AutoModelForCausalLM._model_mapping)
+    return per_layer_model_class(base) if expert_counts(config) else base
+
+
 def load_model(
     path: str | os.PathLike[str],
     *,
@@ -180,6 +260,11 @@ def load_model(
     is loaded whole, with a log line saying why. ``top_k`` lowers the experts per token in the config
     before the model is built (static top-k reduction, the family's routing rule; the adapter's
     ``reduced_top_k_config``).
+
+    A checkpoint whose MoE layers keep different numbers of experts (``experts_per_layer`` in its
+    config, written by the export under ``search.allocation: global``) is built with each layer's
+    own count (:func:`per_layer_model_class`) and is always loaded whole. This is the one call that
+    loads such checkpoints; uniform ones are plain transformers checkpoints.
     """
     from transformers import AutoModelForCausalLM
 
@@ -188,7 +273,10 @@ def load_model(
         raise PipelineError(f"model checkpoint {path} does not exist or has no config.json")
     if offload not in ("none", "layers", "auto"):
         raise PipelineError(f"runtime.offload: unknown mode {offload!r} (allowed: none, layers, auto)")
-    if device_map is None and offload != "none" and top_k is None:
+    per_layer = bool(expert_counts(load_config(path, trust_remote_code)))
+    if per_layer and trust_remote_code and getattr(load_config(path, trust_remote_code), "auto_map", None):
+        raise PipelineError(f"{path}: per-layer expert counts are not supported for models with remote code")
+    if device_map is None and offload != "none" and top_k is None and not per_layer:
         from pipeline.offload import OffloadUnsupported, load_layer_offloaded, should_offload
 
         if should_offload(offload, path, dtype):
@@ -213,7 +301,12 @@ def load_model(
         config = load_config(path, trust_remote_code)
         kwargs["config"] = get_adapter(config).reduced_top_k_config(config, top_k)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        if per_layer:
+            model = causal_lm_class(kwargs.get("config") or load_config(path, trust_remote_code)).from_pretrained(
+                str(path), **kwargs
+            )
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError) as exc:
         raise PipelineError(f"cannot load model from {path}: {exc}") from None
     if device_map is None:
@@ -378,6 +471,8 @@ def model_skeleton(config: Any) -> Any:
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
+        if expert_counts(config):
+            return causal_lm_class(config)._from_config(config)
         return AutoModelForCausalLM.from_config(config)
 
 

@@ -36,7 +36,7 @@ def selection(
 ) -> dict[str, Any]:
     """The ``selection.json`` document (docs/architecture.md)."""
     strategies = sorted({r.strategy for r in results})
-    return {
+    doc = {
         "strategy": strategies[0] if len(strategies) == 1 else settings.strategy,
         "requested_strategy": settings.strategy,
         "mode": settings.mode,
@@ -57,6 +57,15 @@ def selection(
             for r in results
         ],
     }
+    if settings.allocation == "global":
+        doc["allocation"] = "global"
+        doc["total_experts"] = sum(len(r.kept) for r in results)
+        for entry, r in zip(doc["layers"], results, strict=True):
+            entry["r"] = len(r.kept)
+            entry["relative_loss"] = r.loss / r.output_norm if r.output_norm else None
+            entry["output_norm"] = r.output_norm
+            entry["curve"] = r.curve
+    return doc
 
 
 def _csv(rows: list[list[Any]], header: list[str]) -> str:
@@ -209,6 +218,34 @@ def plot_usage(folder: Path, name: str, usage: Mapping[int, Sequence[int]], kept
     return fig
 
 
+def plot_budget(folder: Path, results: Sequence[LayerResult], *, r: int, n: int) -> Any:
+    """``budget.png`` (``search.allocation: global``): experts kept per layer, and each layer's relative loss curve."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11.0, 4.2), dpi=110)
+    layers = [res.layer for res in results]
+    left.bar(range(len(layers)), [len(res.kept) for res in results], color="tab:blue", label="global")
+    left.axhline(r, color="tab:red", linestyle="--", label=f"uniform (r = {r})")
+    left.set_xticks(range(len(layers)), [str(i) for i in layers])
+    left.set_ylim(0, n + 0.5)
+    left.set_xlabel("MoE layer")
+    left.set_ylabel(f"experts kept (of {n})")
+    left.set_title(f"Per-layer counts: {sum(len(res.kept) for res in results)} experts in all")
+    left.legend(fontsize=8, frameon=False)
+    for res in results:
+        points = [(p["r"], p["loss"] / res.output_norm) for p in res.curve or [] if res.output_norm]
+        if points:
+            line = right.plot(*zip(*points, strict=True), marker="o", markersize=3, label=f"layer {res.layer}")[0]
+            right.scatter([len(res.kept)], [res.loss / res.output_norm], s=80, color=line.get_color(), marker="*", zorder=3)
+    right.set_xlabel("experts kept r")
+    right.set_ylabel("relative loss L_l(r) / sum_b ||Z_b||_F")
+    right.set_title("Loss curves (star: the allocation)")
+    right.grid(alpha=0.3)
+    right.legend(fontsize=7, frameon=False, ncol=2)
+    fig.tight_layout()
+    fig.savefig(folder / "budget.png")
+    return fig
+
+
 def write_plots(
     folder: Path,
     results: Sequence[LayerResult],
@@ -235,6 +272,13 @@ def write_plots(
     rows = [{"layer": layer, "expert": e, "share": float(shares[i, e])} for i, layer in enumerate(layers) for e in range(shares.shape[1])]
     written.append(write_json(data / "usage.json", rows))
     figures["usage.png"] = plot_usage(folder, search_set, usage, kept)
+    if any(res.curve for res in results):
+        rows = [
+            {"layer": res.layer, "r": p["r"], "relative_loss": p["loss"] / res.output_norm, "chosen": p["r"] == len(res.kept)}
+            for res in results if res.output_norm for p in res.curve or []
+        ]
+        written.append(write_json(data / "budget.json", rows))
+        figures["budget.png"] = plot_budget(folder, results, r=r, n=n)
     for name, fig in figures.items():
         plt.close(fig)
         written.append(folder / name)

@@ -61,10 +61,16 @@ class LayerResult:
     seconds: float
     candidates: torch.Tensor = field(repr=False)  # [C, r] long
     losses: torch.Tensor = field(repr=False)  # [C] float64
+    #: ``search.allocation: global``: the best set and loss found at every size ``top_k..n``
+    #: (``[{"r", "kept", "loss"}]``, ascending ``r``; ``n`` keeps all at loss 0) and ``sum_b ||Z_b||_F``.
+    curve: list[dict[str, Any]] | None = None
+    output_norm: float | None = None
 
     def record(self) -> dict[str, Any]:
         """The JSON-serialisable part (everything but the candidate table)."""
+        extra = {} if self.curve is None else {"curve": self.curve, "output_norm": self.output_norm}
         return {
+            **extra,
             "layer": self.layer,
             "strategy": self.strategy,
             "kept": self.kept,
@@ -158,6 +164,12 @@ def search_layer(
     verified = None
     if settings.verify:
         verified = verify_loss(adapter, block, config, x, result.kept, result.loss, layer, settings, seq_len)
+    curve = output_norm = None
+    if settings.allocation == "global":
+        by_size = {**result.by_size, r: (result.kept, result.loss), n: (list(range(n)), 0.0)}
+        curve = [{"r": size, "kept": list(kept), "loss": loss} for size, (kept, loss) in sorted(by_size.items())]
+        full = outputs_of(adapter, block, x, settings.loss_batch_size * seq_len)
+        output_norm = sum(float(torch.linalg.vector_norm(z.double().reshape(-1))) for z in full)
     return LayerResult(
         layer=layer,
         strategy=strategy,
@@ -171,6 +183,8 @@ def search_layer(
         seconds=round(time.perf_counter() - started, 3),
         candidates=result.candidates,
         losses=result.losses,
+        curve=curve,
+        output_norm=output_norm,
     )
 
 

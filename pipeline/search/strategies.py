@@ -34,6 +34,8 @@ class StrategyResult:
     evaluated: int
     candidates: torch.Tensor = field(repr=False)  # [C, r] long: scored r-subsets
     losses: torch.Tensor = field(repr=False)  # [C] float64
+    #: The best set found at each other size and its loss (``search.allocation: global``; else empty).
+    by_size: dict[int, tuple[list[int], float]] = field(default_factory=dict, repr=False)
 
 
 def best_of(kept: torch.Tensor, losses: torch.Tensor) -> int:
@@ -60,6 +62,13 @@ class LayerProblem:
     def r(self) -> int:
         """Experts to keep."""
         return self.params.r
+
+    @property
+    def curve_down_to(self) -> int | None:
+        """The smallest size whose best set the search also reports (``search.allocation: global``), else None."""
+        if getattr(self.params, "allocation", "uniform") != "global":
+            return None
+        return self.scorer.k
 
     @property
     def stats(self) -> RoutingStats:
@@ -118,18 +127,24 @@ def enumerate_all(kept: torch.Tensor, losses: torch.Tensor) -> StrategyResult:
     return StrategyResult(kept[i].tolist(), float(losses[i]), int(kept.shape[0]), kept.cpu(), losses.cpu())
 
 
-def beam_search(fitness: Fitness, n: int, r: int, width: int, expand: Expand | None = None) -> StrategyResult:
+def beam_search(
+    fitness: Fitness, n: int, r: int, width: int, expand: Expand | None = None, down_to: int | None = None
+) -> StrategyResult:
     """Drop one expert at a time from all ``n``, keeping the ``width`` best sets of each size.
 
     ``width=1`` is greedy search. With ``expand``, each parent's children are scored together
     (incrementally, :meth:`LazyScorer.children`) and a set shared by two parents takes the loss from
-    the first parent in order; otherwise ``fitness`` scores every set at most once.
+    the first parent in order; otherwise ``fitness`` scores every set at most once. With ``down_to``
+    (below ``r``) the search goes on to that size; the result is still the size-``r`` one, and
+    ``by_size`` holds the best set of every size visited.
     """
     beams: list[tuple[int, ...]] = [tuple(range(n))]
     evaluated = 0
     last_kept = torch.empty(0, r, dtype=torch.long)
     last_losses = torch.empty(0, dtype=torch.float64)
-    for _size in range(n - 1, r - 1, -1):
+    at_r: tuple[torch.Tensor, torch.Tensor, int] | None = None
+    by_size: dict[int, tuple[list[int], float]] = {}
+    for size in range(n - 1, min(r, down_to if down_to is not None else r) - 1, -1):
         if expand is None:
             children = sorted({tuple(e for e in parent if e != drop) for parent in beams for drop in parent})
             kept = torch.tensor(children, dtype=torch.long)
@@ -146,29 +161,57 @@ def beam_search(fitness: Fitness, n: int, r: int, width: int, expand: Expand | N
         order = sorted(range(len(children)), key=lambda i: (float(losses[i]), children[i]))
         beams = [children[i] for i in order[:width]]
         last_kept, last_losses = kept, losses
+        if down_to is not None:
+            best = best_of(kept, losses)
+            by_size[size] = (kept[best].tolist(), float(losses[best]))
+        if size == r:
+            at_r = (kept, losses, evaluated)
+    if at_r is not None:
+        last_kept, last_losses, evaluated_at_r = at_r
+    else:
+        evaluated_at_r = evaluated
     i = best_of(last_kept, last_losses)
-    return StrategyResult(last_kept[i].tolist(), float(last_losses[i]), evaluated, last_kept, last_losses)
+    by_size.pop(r, None)
+    return StrategyResult(last_kept[i].tolist(), float(last_losses[i]), evaluated_at_r, last_kept, last_losses, by_size)
 
 
-def greedy_search(fitness: Fitness, n: int, r: int, expand: Expand | None = None) -> StrategyResult:
+def greedy_search(
+    fitness: Fitness, n: int, r: int, expand: Expand | None = None, down_to: int | None = None
+) -> StrategyResult:
     """Drop, one at a time, the expert whose removal raises the loss least (beam width 1)."""
-    return beam_search(fitness, n, r, width=1, expand=expand)
+    return beam_search(fitness, n, r, width=1, expand=expand, down_to=down_to)
 
 
 def enumerate_layer(p: LayerProblem) -> StrategyResult:
-    """Every ``r``-subset, from one pass computing only the needed expert outputs."""
+    """Every ``r``-subset, from one pass computing only the needed expert outputs.
+
+    With ``search.allocation: global`` every other size from ``top_k`` to ``n - 1`` is enumerated
+    too (one pass each, before the size-``r`` one, which the scorer is left prepared for).
+    """
+    by_size: dict[int, tuple[list[int], float]] = {}
+    down_to = p.curve_down_to
+    for size in range(down_to, p.n) if down_to is not None else ():
+        if size == p.r:
+            continue
+        kept_s, losses_s = p.scorer.score_subsets(size)  # type: ignore[union-attr]
+        if p.progress:
+            p.progress(int(kept_s.shape[0]))
+        best = best_of(kept_s, losses_s)
+        by_size[size] = (kept_s[best].tolist(), float(losses_s[best]))
     kept, losses = p.scorer.score_subsets(p.r)  # type: ignore[union-attr]
     p.remember(kept, losses)
     if p.progress:
         p.progress(int(kept.shape[0]))
-    return enumerate_all(kept, losses)
+    result = enumerate_all(kept, losses)
+    result.by_size = by_size
+    return result
 
 
 def greedy_layer(p: LayerProblem) -> StrategyResult:
     """:func:`greedy_search` on one layer."""
-    return greedy_search(p.losses, p.n, p.r, p.expand)
+    return greedy_search(p.losses, p.n, p.r, p.expand, p.curve_down_to)
 
 
 def beam_layer(p: LayerProblem) -> StrategyResult:
     """:func:`beam_search` of width ``search.beam_width`` on one layer."""
-    return beam_search(p.losses, p.n, p.r, p.params.beam_width, p.expand)
+    return beam_search(p.losses, p.n, p.r, p.params.beam_width, p.expand, p.curve_down_to)
