@@ -579,7 +579,7 @@ def _fake_upstream(root: Path, override: dict) -> None:
         out / "skip" / "thresholds.json",
         {"quantile": 0.5, "calibration": "general", "rule": "tail", "original": {"0": 0.5}, "pruned": {"0": 0.5}},
     )
-    write_run_records(root, "corpus", "model", "search", "export", "skip_calibration")
+    write_run_records(root, "corpus", "model", "search", "export", "recover", "skip_calibration")
 
 
 @pytest.mark.slow
