@@ -76,6 +76,16 @@ def stage_dir(stage: str) -> Path:
     return specs.spec(stage, ROOT).out_dir
 
 
+def check_exported_from(exported: Path, fingerprint: str) -> None:
+    """Refuse an exported checkpoint that was not pruned from the model stage's model (``fingerprint``)."""
+    pruning = read_json(exported / "config.json", what="exported model config").get("pruning") or {}
+    if pruning.get("source_fingerprint") != fingerprint:
+        raise PipelineError(
+            f"{exported}: exported from model {pruning.get('source_fingerprint')}, the model stage's is "
+            f"{fingerprint} (rerun: dvc repro export)"
+        )
+
+
 def calibration_dir(name: str) -> Path:
     """The output folder of the calibration set ``name``."""
     return stage_dir(f"calibration@{name}")

@@ -12,13 +12,12 @@ from __future__ import annotations
 import torch
 
 from pipeline.calibration import load_calibration_set
-from pipeline.errors import PipelineError
-from pipeline.io import read_json, remove_path
+from pipeline.io import remove_path
 from pipeline.models import get_adapter
 from pipeline.models.loading import ModelManifest, checkpoint_fingerprint, load_model
 from pipeline.recovery import RecoverySettings, copy_checkpoint, describe, distil, save_recovered
 from pipeline.runtime import resolve_device, resolve_dtype
-from stages.common import StageContext, calibration_dir, stage, stage_dir
+from stages.common import StageContext, calibration_dir, check_exported_from, stage, stage_dir
 
 
 @stage("recover")
@@ -35,12 +34,7 @@ def main(ctx: StageContext) -> None:
         ctx.log_metrics({"steps": 0, "seconds": 0.0})
         return
     manifest = ModelManifest.load(stage_dir("model") / "manifest.json")
-    pruning = read_json(exported / "config.json", what="exported model config").get("pruning") or {}
-    if pruning.get("source_fingerprint") != manifest.fingerprint:
-        raise PipelineError(
-            f"{exported}: exported from model {pruning.get('source_fingerprint')}, the model stage's is "
-            f"{manifest.fingerprint} (rerun: dvc repro export)"
-        )
+    check_exported_from(exported, manifest.fingerprint)
     data = load_calibration_set(calibration_dir(name), name, key="recover.calibration")
     teacher = load_model(manifest.path, dtype=dtype, device=device, trust_remote_code=trust)
     student = load_model(exported, dtype=torch.float32, device=device, trust_remote_code=trust)

@@ -18,13 +18,12 @@ from typing import Any
 import torch
 
 from pipeline.calibration import load_calibration_set
-from pipeline.errors import PipelineError
-from pipeline.io import read_json, write_json
+from pipeline.io import write_json
 from pipeline.models import get_adapter
 from pipeline.models.loading import ModelManifest, checkpoint_fingerprint, load_config, load_model
 from pipeline.runtime import resolve_device, resolve_dtype
 from pipeline.skipping import RULE, calibrate_thresholds, measure_skipping, write_skip_checkpoint
-from stages.common import StageContext, calibration_dir, stage, stage_dir
+from stages.common import StageContext, calibration_dir, check_exported_from, stage, stage_dir
 
 log = logging.getLogger("stages.skip_calibration")
 
@@ -62,12 +61,7 @@ def main(ctx: StageContext) -> None:
     input_ids = load_calibration_set(calibration_dir(name), name, key="skip.calibration").input_ids
     exported = stage_dir("export") / "model"
     manifest = ModelManifest.load(stage_dir("model") / "manifest.json")
-    pruning = read_json(exported / "config.json", what="exported model config").get("pruning") or {}
-    if pruning.get("source_fingerprint") != manifest.fingerprint:
-        raise PipelineError(
-            f"{exported}: exported from model {pruning.get('source_fingerprint')}, the model stage's is "
-            f"{manifest.fingerprint} (rerun: dvc repro export)"
-        )
+    check_exported_from(exported, manifest.fingerprint)
     models = {"pruned": exported, "original": Path(manifest.path)}
     merged = stage_dir("export") / "merged"
     if (merged / "config.json").is_file():
