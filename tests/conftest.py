@@ -20,6 +20,16 @@ import torch  # noqa: E402
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's tests: on a shared 2-core CPU, two threads contending with other
+    work make tiny training steps many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def tiny_mixtral():
     """A tiny random Mixtral (2 layers, 8 experts, top-2)."""

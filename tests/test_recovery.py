@@ -57,13 +57,7 @@ def make_pair(root: Path) -> tuple[Path, Path, torch.Tensor]:
     return teacher, root / "export", ids
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on a busy 2-core machine two threads make these tiny steps 50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
