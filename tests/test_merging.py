@@ -20,6 +20,7 @@ from pipeline.merging import (
     scaled_groups,
 )
 from pipeline.models import get_adapter
+from pipeline.models.loading import load_model
 from tests.factory import tiny_model, tiny_tokenizer
 from tests.test_export import MODEL_TYPES, cached_inputs, calibration_ids, load, logits, selection_dict
 
@@ -119,6 +120,43 @@ def test_merging_identical_experts_reproduces_the_unmerged_output(tmp_path: Path
     assert "merged_experts" not in json.loads((tmp_path / "pruned" / "config.json").read_text())
     metrics = report.metrics()
     assert metrics["reconstruction_loss/merged"] == metrics["reconstruction_loss/pruned"]
+
+
+def test_merging_identical_experts_on_a_per_layer_export_reproduces_the_unmerged_output(tmp_path: Path) -> None:
+    """A non-uniform selection (6 experts in one layer, 4 in the next): each dropped expert is a copy of a kept
+    one, so both checkpoints keep their per-layer counts, load through ``load_model``, and give equal logits."""
+    model = tiny_model("mixtral")
+    _randomise_experts(model)
+    adapter = get_adapter(model.config)
+    layers = adapter.moe_layer_indices(model)
+    assert len(layers) >= 2
+    twins = {layers[0]: {6: 1, 7: 3}, layers[1]: {4: 0, 5: 1, 6: 2, 7: 3}}
+    with torch.no_grad():
+        for i, pairs in twins.items():
+            block = adapter.moe_block(adapter.decoder_layers(model)[i])
+            for dropped, twin in pairs.items():
+                for t in adapter.expert_tensors(block).values():
+                    t[dropped].copy_(t[twin])
+                adapter.router_weight(block)[dropped].copy_(adapter.router_weight(block)[twin])
+    kept = {i: sorted(set(range(8)) - set(twins.get(i, {}))) if i in twins else list(range(8)) for i in layers}
+    data = {"r": sum(map(len, kept.values())) // len(layers), "num_experts": 8, "top_k": 2, "allocation": "global",
+            "strategy": "enumerate", "layers": [{"layer": i, "kept": ids} for i, ids in kept.items()]}
+    if sum(map(len, kept.values())) % len(layers):
+        pytest.skip("the tiny model's layer count makes this split non-integer")
+    selection = Selection.from_dict(data)
+    assert not selection.uniform
+    ids = calibration_ids()
+    report = export_pruned(model, adapter, selection, tmp_path / "pruned", inputs=cached_inputs(model, ids).__getitem__,
+                           progress=False, merge="output", merged_dir=tmp_path / "merged", tokenizer=tiny_tokenizer())
+    pruned, merged = load_model(tmp_path / "pruned").eval(), load_model(tmp_path / "merged").eval()
+    for i, ids_kept in kept.items():
+        assert adapter.block_num_experts(adapter.moe_block(adapter.decoder_layers(merged)[i])) == len(ids_kept)
+    assert torch.equal(logits(merged, ids), logits(pruned, ids))
+    record = json.loads((tmp_path / "merged" / "config.json").read_text())["merged_experts"]
+    for check in report.checks:
+        if check.layer in twins:
+            assert check.merge is not None and check.merge.assignment == twins[check.layer]
+            assert set(record[str(check.layer)]) == {str(t) for t in twins[check.layer].values()}
 
 
 def test_merging_changes_distinct_experts_and_reports_both_losses(tmp_path: Path) -> None:
