@@ -36,6 +36,11 @@ def is_local(rule: object) -> bool:
     return bool(getattr(rule, "local", False))
 
 
+def routes_children(rule: object) -> bool:
+    """Whether ``rule`` routes every drop-one child of a set at once (``drop_one``; see :class:`SigmoidBiasTopK`)."""
+    return bool(getattr(rule, "routes_children", False))
+
+
 @dataclass(frozen=True)
 class SoftmaxTopK:
     """``p = softmax(logits)``, top-k of ``p``, optionally renormalised, times ``scale``.
@@ -109,12 +114,76 @@ class SigmoidBiasTopK:
         """Without groups the choice is per expert; group scores depend on the other experts."""
         return self.n_group == 1
 
-    def __call__(self, logits: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def routes_children(self) -> bool:
+        """Group-limited with masked experts never chosen: :meth:`drop_one` applies."""
+        return self.n_group > 1 and self.masked_value == float("-inf")
+
+    def _scores(self, logits: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         logits = logits.float()
         if self.softcap > 0.0:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         scores = torch.sigmoid(logits)
-        choice = scores if bias is None else scores + bias.float()
+        return scores, (scores if bias is None else scores + bias.float())
+
+    def drop_one(self, logits: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rule on every set that drops one of ``M = n_group * g + 1`` experts at once.
+
+        ``logits [T, M]`` (bias ``[M]``) -> weights and positions among the ``M``, ``[T, M, k]``;
+        row ``i`` routes the experts other than ``i``, as ``self(logits without column i)`` does.
+        Dropping ``i`` (group ``J = i // g``) leaves the child's groups before ``J`` at positions
+        ``[jg, jg + g)``, those after at ``[jg + 1, jg + g + 1)`` and group ``J`` the window
+        ``[Jg, Jg + g]`` without ``i``; so group scores come from two partitions and each window's
+        best three, and the top-k from each group's best ``k`` (``k + 1`` in the window).
+        """
+        scores, choice = self._scores(logits, bias)
+        t, big_m = choice.shape
+        groups, per = self.n_group, (big_m - 1) // self.n_group
+        if not self.routes_children or groups * per + 1 != big_m or per < 2:
+            raise ValueError(f"drop_one needs n_group > 1, -inf masking and n_group * g + 1 experts (got {big_m})")
+        dev, kk = choice.device, min(self.top_k, per)
+        low = choice[:, : groups * per].view(t, groups, per)  # the child's groups before J
+        high = choice[:, 1:].view(t, groups, per)  # after J
+        window = choice.unfold(1, per + 1, per)  # [t, groups, per + 1]: group J's window
+        score_low = low.topk(2, dim=-1)[0].sum(dim=-1)
+        score_high = high.topk(2, dim=-1)[0].sum(dim=-1)
+        w3, w3_at = window.topk(3, dim=-1)
+        # Group J's score without i: the window's best two, or the other two of its best three.
+        i = torch.arange(big_m, device=dev)
+        part = (i // per).clamp_max(groups - 1)
+        offset = (i - part * per).view(1, big_m)
+        best = w3[:, part]  # [t, M, 3]
+        at = w3_at[:, part]
+        score_mid = torch.where(offset == at[..., 0], best[..., 1] + best[..., 2],
+                                torch.where(offset == at[..., 1], best[..., 0] + best[..., 2], best[..., 0] + best[..., 1]))
+        j = torch.arange(groups, device=dev)
+        drop_group = (i // per).view(big_m, 1)  # ``groups`` for the last expert: every group is "before"
+        before, after = j.view(1, groups) < drop_group, j.view(1, groups) > drop_group  # [M, groups]
+        group_scores = torch.where(before, score_low.unsqueeze(1), torch.where(after, score_high.unsqueeze(1), score_mid.unsqueeze(2)))
+        chosen = torch.topk(group_scores, k=self.topk_group, dim=-1, sorted=False)[1]  # [t, M, topk_group]
+        # Candidates: each chosen group's best kk (window: kk + 1, i masked), padded to kk + 1.
+        pad = torch.full((t, groups, 1), float("-inf"), device=dev)
+        v_low, p_low = low.topk(kk, dim=-1)
+        v_high, p_high = high.topk(kk, dim=-1)
+        v_win, p_win = window.topk(kk + 1, dim=-1)
+        base = (j * per).view(1, groups, 1)
+        cand_v = torch.stack([torch.cat([v_low, pad], 2), torch.cat([v_high, pad], 2), v_win], 1)  # [t, 3, groups, kk + 1]
+        zero = torch.zeros((t, groups, 1), dtype=torch.long, device=dev)
+        cand_p = torch.stack([torch.cat([p_low + base, zero], 2), torch.cat([p_high + base + 1, zero], 2), p_win + base], 1)
+        at_drop = drop_group.view(1, big_m, 1)
+        kind = torch.where(chosen < at_drop, 0, torch.where(chosen > at_drop, 1, 2))  # [t, M, topk_group]
+        flat = (kind * groups + chosen).view(t, -1, 1).expand(-1, -1, kk + 1)  # index into [3 * groups]
+        vals = cand_v.view(t, 3 * groups, kk + 1).gather(1, flat).view(t, big_m, -1)
+        pos = cand_p.view(t, 3 * groups, kk + 1).gather(1, flat).view(t, big_m, -1)
+        vals = vals.masked_fill(pos == i.view(1, big_m, 1), float("-inf"))
+        picked = pos.gather(2, torch.topk(vals, k=self.top_k, dim=-1, sorted=False)[1])  # [t, M, k]
+        weights = scores.gather(1, picked.view(t, -1)).view(t, big_m, self.top_k)
+        if self.renormalize:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + self.eps)
+        return weights * self.scale, picked
+
+    def __call__(self, logits: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        scores, choice = self._scores(logits, bias)
         t, m = choice.shape
         if self.n_group > 1:
             per = m // self.n_group

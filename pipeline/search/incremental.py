@@ -25,13 +25,27 @@ import torch
 from torch import nn
 
 from pipeline.models.base import MoEAdapter
-from pipeline.models.routing import is_local
+from pipeline.models.routing import is_local, routes_children
 from pipeline.search.scoring import SCORE_ELEMENTS, CandidateRouter, RoutingStats, TokenLayout
 
 #: Expert-output elements converted to float64 at a time for new Gram rows.
 GRAM_ROW_ELEMENTS = 1 << 22
 #: Initial slots per token (grown by doubling).
 INITIAL_SLOTS = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class _Runs:
+    """Drop-one children of a parent on every token, each run of equal routings stored once.
+
+    Row ``r`` routes token ``tok[r]`` to ``ids[r]`` with weights ``w[r]`` ``[k]``; token ``t``'s
+    child ``i`` uses row ``run[t, i]``.
+    """
+
+    tok: torch.Tensor
+    w: torch.Tensor
+    ids: torch.Tensor
+    run: torch.Tensor
 
 
 class LazyScorer:
@@ -219,30 +233,71 @@ class LazyScorer:
         """
         if self.stats is None:
             raise RuntimeError("call prepare() before children()")
-        out: list[tuple[torch.Tensor, torch.Tensor]] = []
-        tops: list[torch.Tensor | None] = []
-        for parent in parents:
-            par = torch.tensor(sorted(int(e) for e in parent), dtype=torch.long, device=self.device)
+        pars = [torch.tensor(sorted(int(e) for e in parent), dtype=torch.long, device=self.device) for parent in parents]
+        plans: list[torch.Tensor | _Runs | None] = []
+        for par in pars:
             rule = self._rule(par.numel() - 1)
-            incremental = (
-                self.router.by_rule and is_local(rule) and par.numel() - 1 >= self.k
+            by_rule = (
+                self.router.by_rule and par.numel() - 1 >= self.k
                 and (self.bias is None or getattr(rule, "row_bias", False))
             )
-            tops.append(self._top(par, rule) if incremental else None)
-        wanted = [top for top in tops if top is not None]
-        if wanted:
-            tok = torch.arange(self.layout.num_tokens, device=self.device).repeat_interleave(self.k + 1)
-            self.ensure(tok.repeat(len(wanted)), torch.cat([top.reshape(-1) for top in wanted]))
-        for parent, top in zip(parents, tops, strict=True):
-            par = torch.tensor(sorted(int(e) for e in parent), dtype=torch.long, device=self.device)
+            if by_rule and is_local(rule):
+                plans.append(self._top(par, rule))
+            elif by_rule and routes_children(rule) and (par.numel() - 1) % rule.n_group == 0:
+                plans.append(self._runs(par, rule))
+            else:
+                plans.append(None)
+        need_tok, need_id = [], []
+        for plan in plans:
+            if isinstance(plan, _Runs):
+                need_tok.append(plan.tok.repeat_interleave(self.k)), need_id.append(plan.ids.reshape(-1))
+            elif plan is not None:
+                need_tok.append(torch.arange(plan.shape[0], device=self.device).repeat_interleave(plan.shape[1]))
+                need_id.append(plan.reshape(-1))
+        if need_tok:
+            self.ensure(torch.cat(need_tok), torch.cat(need_id))
+        out: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for par, plan in zip(pars, plans, strict=True):
             m = par.numel()
             kept = par.unsqueeze(0).expand(m, m).masked_select(~torch.eye(m, dtype=torch.bool, device=self.device))
             kept = kept.view(m, m - 1)
-            if top is None:
+            if plan is None:
                 out.append((kept.cpu(), self.losses(kept)))
+            elif isinstance(plan, _Runs):
+                out.append((kept.cpu(), self._runs_losses(plan)))
             else:
-                out.append((kept.cpu(), self._children_losses(par, self._rule(m - 1), top)))
+                out.append((kept.cpu(), self._children_losses(par, self._rule(m - 1), plan)))
         return out
+
+    def _runs(self, par: torch.Tensor, rule: Any) -> _Runs:
+        """Every child's routing on every token by ``rule.drop_one``, each run of equal routings once."""
+        m, k, t_all = par.numel(), self.k, self.layout.num_tokens
+        bias = None if self.bias is None else self.bias[par]
+        step = max(1, SCORE_ELEMENTS // (m * (rule.n_group + rule.topk_group * (k + 1))))
+        toks, ws, ids, run = [], [], [], torch.empty(t_all, m, dtype=torch.long, device=self.device)
+        rows = 0
+        for s0 in range(0, t_all, step):
+            tok = torch.arange(s0, min(s0 + step, t_all), device=self.device)
+            w, pos = rule.drop_one(self.logits[tok].index_select(1, par), bias)  # [t, m, k]
+            pos, order = pos.sort(dim=2)
+            # Children next to each other mostly route a token alike: score the first of each run.
+            first = torch.ones(tok.numel(), m, dtype=torch.bool, device=self.device)
+            first[:, 1:] = (pos[:, 1:] != pos[:, :-1]).any(dim=2)
+            run[tok] = first.view(-1).cumsum(0).view(tok.numel(), m) - 1 + rows
+            rows += int(first.sum())
+            toks.append(tok.unsqueeze(1).expand(-1, m)[first])
+            ws.append(w.gather(2, order)[first])
+            ids.append(par[pos[first]])
+        return _Runs(torch.cat(toks), torch.cat(ws), torch.cat(ids), run)
+
+    def _runs_losses(self, runs: _Runs) -> torch.Tensor:
+        """Losses ``[m]`` of the children routed by :meth:`_runs` (their outputs computed)."""
+        m, nb = runs.run.shape[1], self.layout.num_batches
+        err = self.err2(runs.tok, runs.w, runs.ids)
+        acc = torch.zeros(m, nb, dtype=torch.float64, device=self.device)
+        for start, end in self.layout.chunks():
+            self.layout.batch_sums(start, end, err[runs.run[start:end]].t(), acc)
+        return acc.clamp_min_(0).sqrt_().sum(1).cpu()
 
     def _top(self, par: torch.Tensor, rule: Any) -> torch.Tensor:
         """Each token's top ``k + 1`` experts of ``par`` under ``rule`` ``[T, k + 1]``."""
