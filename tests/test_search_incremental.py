@@ -8,7 +8,7 @@ import torch
 from pipeline.config import SearchParams
 from pipeline.models.routing import SigmoidBiasTopK, SoftmaxTopK, is_local, routes_children
 from pipeline.search import registry
-from pipeline.search.incremental import LazyScorer
+from pipeline.search.incremental import PREFETCH, LazyScorer
 from pipeline.search.run import search_layer
 from pipeline.search.scoring import LayerScorer
 from pipeline.search.strategies import beam_search
@@ -24,13 +24,13 @@ RULE_FAMILIES = [
 ]
 
 
-def scorers(family: str, seed: int = 0, **overrides):
+def scorers(family: str, seed: int = 0, prefetch: int = PREFETCH, **overrides):
     model = tiny_model(family, seed=seed, **overrides)
     adapter, block, _, x = first_moe_layer(model, seed=seed)
     kw = dict(tokens_per_batch=12, token_chunk=20)
     dense = LayerScorer(adapter, block, model.config, x, **kw)
     dense.prepare()
-    lazy = LazyScorer(adapter, block, model.config, x, **kw)
+    lazy = LazyScorer(adapter, block, model.config, x, prefetch=prefetch, **kw)
     lazy.prepare()
     return adapter, block, model.config, x, dense, lazy
 
@@ -77,13 +77,24 @@ def test_rules_declare_locality() -> None:
 
 
 def test_outputs_are_computed_only_where_some_scored_set_routes() -> None:
-    _, _, _, x, _, lazy = scorers("qwen3_moe", num_experts=16, top_k=4)
+    _, _, _, x, _, lazy = scorers("qwen3_moe", num_experts=16, top_k=4, prefetch=0)
     tokens = x.shape[0] * x.shape[1]
     assert lazy.expert_evals == tokens * lazy.k  # prepare: the full model's routing only
     lazy.children([list(range(16))])
     # Dropping one of a token's top-4 brings in its 5th expert: at most one new output per token.
     assert tokens * lazy.k < lazy.expert_evals <= tokens * (lazy.k + 1)
     assert bool(((lazy.slot_of >= 0).sum(1) == lazy.count).all())
+
+
+def test_prefetched_outputs_serve_the_next_levels() -> None:
+    _, _, _, x, _, lazy = scorers("qwen3_moe", num_experts=16, top_k=4, prefetch=2)
+    tokens = x.shape[0] * x.shape[1]
+    (kept, losses), = lazy.children([list(range(16))])
+    assert lazy.expert_evals <= tokens * (lazy.k + 1 + 2)  # each token's top 4 + 1 + 2
+    evals = lazy.expert_evals
+    for _ in range(2):  # two levels down, every set routes within the first parent's top 7
+        (kept, losses), = lazy.children([kept[int(losses.argmin())].tolist()])
+        assert lazy.expert_evals == evals
 
 
 @pytest.mark.parametrize(("seed", "r", "width"), [(0, 8, 4), (1, 5, 1), (2, 6, 2)])

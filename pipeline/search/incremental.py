@@ -32,6 +32,8 @@ from pipeline.search.scoring import SCORE_ELEMENTS, CandidateRouter, RoutingStat
 GRAM_ROW_ELEMENTS = 1 << 22
 #: Initial slots per token (grown by doubling).
 INITIAL_SLOTS = 16
+#: Experts beyond the top ``k + 1`` whose outputs a local level computes ahead when it computes any.
+PREFETCH = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,8 +70,10 @@ class LazyScorer:
         tokens_per_batch: int,
         token_chunk: int,
         device: torch.device | str = "cpu",
+        prefetch: int = PREFETCH,
     ) -> None:
         self.adapter = adapter
+        self.prefetch = prefetch
         self.block = block
         self.config = config
         self.x = x.reshape(-1, x.shape[-1])
@@ -162,13 +166,19 @@ class LazyScorer:
             tc, ec = t[c0 : c0 + chunk], e[c0 : c0 + chunk]
             xs = self.x.index_select(0, tc.to(self.x.device)).to(self.device, self._dtype)
             self.out[tc, slot[c0 : c0 + chunk]] = self.adapter.expert_outputs_at(self.block, xs, ec)
-        d = self.x.shape[1]
-        step = max(1, GRAM_ROW_ELEMENTS // (self.q * d))
-        for c0 in range(0, t.numel(), step):
-            tc, sc = t[c0 : c0 + step], slot[c0 : c0 + step]
-            rows = torch.bmm(self.out[tc].double(), self.out[tc, sc].double().unsqueeze(2)).squeeze(2)
-            self.gram[tc, sc, :] = rows
-            self.gram[tc, :, sc] = rows
+        # Gram rows of each token's new slots against its filled ones, the token's outputs converted once.
+        tu = t[starts]
+        new_max, filled = int(per_token.max()), int(self.count[tu].max())
+        pick = (starts.unsqueeze(1) + torch.arange(new_max, device=t.device)).minimum((starts + per_token - 1).unsqueeze(1))
+        new_slots = slot[pick]  # [U, new_max], padded by repeating a token's last new slot
+        cols = torch.arange(filled, device=t.device)
+        step = max(1, GRAM_ROW_ELEMENTS // (filled * self.x.shape[1]))
+        for c0 in range(0, tu.numel(), step):
+            tc, sc = tu[c0 : c0 + step], new_slots[c0 : c0 + step]
+            outs = self.out[tc, :filled].double()  # [u, filled, d]
+            rows = torch.bmm(outs.gather(1, sc.unsqueeze(2).expand(-1, -1, outs.shape[2])), outs.transpose(1, 2))
+            self.gram[tc.view(-1, 1, 1), sc.unsqueeze(2), cols.view(1, 1, -1)] = rows
+            self.gram[tc.view(-1, 1, 1), cols.view(1, -1, 1), sc.unsqueeze(1)] = rows.transpose(1, 2)
         if self.slots_full is not None:
             self._update_u(t, slot)
 
@@ -242,18 +252,25 @@ class LazyScorer:
                 and (self.bias is None or getattr(rule, "row_bias", False))
             )
             if by_rule and is_local(rule):
-                plans.append(self._top(par, rule))
+                plans.append(self._top(par, rule, self.k + 1))
             elif by_rule and routes_children(rule) and (par.numel() - 1) % rule.n_group == 0:
                 plans.append(self._runs(par, rule))
             else:
                 plans.append(None)
+        tops = [plan for plan in plans if isinstance(plan, torch.Tensor)]
+        tok = torch.arange(self.layout.num_tokens, device=self.device).unsqueeze(1)
+        if self.prefetch and any(bool((self.slot_of[tok, top] < 0).any()) for top in tops):
+            # A descendant i levels down routes within its ancestor's top k + 1 + i (local rules rank
+            # experts alone): computing the parents' next experts now saves the next levels a pass
+            # over every expert's weights for a few new tokens each.
+            tops = [self._top(par, self._rule(par.numel() - 1), self.k + 1 + self.prefetch)
+                    for par, plan in zip(pars, plans, strict=True) if isinstance(plan, torch.Tensor)]
         need_tok, need_id = [], []
         for plan in plans:
             if isinstance(plan, _Runs):
                 need_tok.append(plan.tok.repeat_interleave(self.k)), need_id.append(plan.ids.reshape(-1))
-            elif plan is not None:
-                need_tok.append(torch.arange(plan.shape[0], device=self.device).repeat_interleave(plan.shape[1]))
-                need_id.append(plan.reshape(-1))
+        for top in tops:
+            need_tok.append(tok.expand_as(top).reshape(-1)), need_id.append(top.reshape(-1))
         if need_tok:
             self.ensure(torch.cat(need_tok), torch.cat(need_id))
         out: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -299,9 +316,9 @@ class LazyScorer:
             self.layout.batch_sums(start, end, err[runs.run[start:end]].t(), acc)
         return acc.clamp_min_(0).sqrt_().sum(1).cpu()
 
-    def _top(self, par: torch.Tensor, rule: Any) -> torch.Tensor:
-        """Each token's top ``k + 1`` experts of ``par`` under ``rule`` ``[T, k + 1]``."""
-        wider = dataclasses.replace(rule, top_k=self.k + 1)
+    def _top(self, par: torch.Tensor, rule: Any, top_k: int) -> torch.Tensor:
+        """Each token's top ``top_k`` experts of ``par`` (at most all) under ``rule`` ``[T, top_k]``."""
+        wider = dataclasses.replace(rule, top_k=min(top_k, par.numel()))
         bias = None if self.bias is None else self.bias[par]
         return torch.cat([par[wider(self.logits[s:e].index_select(1, par), bias)[1]] for s, e in self.layout.chunks()])
 
