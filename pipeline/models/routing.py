@@ -133,51 +133,60 @@ class SigmoidBiasTopK:
         row ``i`` routes the experts other than ``i``, as ``self(logits without column i)`` does.
         Dropping ``i`` (group ``J = i // g``) leaves the child's groups before ``J`` at positions
         ``[jg, jg + g)``, those after at ``[jg + 1, jg + g + 1)`` and group ``J`` the window
-        ``[Jg, Jg + g]`` without ``i``; so group scores come from two partitions and each window's
-        best three, and the top-k from each group's best ``k`` (``k + 1`` in the window).
+        ``[Jg, Jg + g]`` without ``i``. Group ``J``'s score then takes one of three values (``i``
+        is the window's best, its second, or neither), so per token and ``J`` three routings,
+        each a top ``k + 1`` of the chosen groups' best ``k + 1``, give every child: the first
+        two drop their expert; the third routes child ``i`` to its top ``k`` without ``i``.
         """
         scores, choice = self._scores(logits, bias)
         t, big_m = choice.shape
-        groups, per = self.n_group, (big_m - 1) // self.n_group
+        groups, per, k = self.n_group, (big_m - 1) // self.n_group, self.top_k
         if not self.routes_children or groups * per + 1 != big_m or per < 2:
             raise ValueError(f"drop_one needs n_group > 1, -inf masking and n_group * g + 1 experts (got {big_m})")
-        dev, kk = choice.device, min(self.top_k, per)
+        dev, width = choice.device, min(k + 1, per + 1)
         low = choice[:, : groups * per].view(t, groups, per)  # the child's groups before J
         high = choice[:, 1:].view(t, groups, per)  # after J
         window = choice.unfold(1, per + 1, per)  # [t, groups, per + 1]: group J's window
-        score_low = low.topk(2, dim=-1)[0].sum(dim=-1)
-        score_high = high.topk(2, dim=-1)[0].sum(dim=-1)
         w3, w3_at = window.topk(3, dim=-1)
-        # Group J's score without i: the window's best two, or the other two of its best three.
+        # Group J's score as the rule computes it (the sum of the best two left), per case.
+        mid = torch.stack([w3[..., 0] + w3[..., 1], w3[..., 1] + w3[..., 2], w3[..., 0] + w3[..., 2]], 2)
+        mid = torch.cat([mid, mid.new_zeros(t, 1, 3)], 1)  # J = groups: the last expert dropped, no window
+        j, big_j = torch.arange(groups, device=dev), torch.arange(groups + 1, device=dev).view(-1, 1)
+        before, after = (j < big_j).view(1, groups + 1, 1, groups), (j > big_j).view(1, groups + 1, 1, groups)
+        score_low = low.topk(2, dim=-1)[0].sum(dim=-1).view(t, 1, 1, groups)
+        score_high = high.topk(2, dim=-1)[0].sum(dim=-1).view(t, 1, 1, groups)
+        group_scores = torch.where(before, score_low, torch.where(after, score_high, mid.unsqueeze(3)))
+        chosen = torch.topk(group_scores, k=self.topk_group, dim=-1, sorted=False)[1]  # [t, groups + 1, 3, topk_group]
+        # Candidates: each group's best ``width`` (padded), as choice values and positions.
+        def best(part: torch.Tensor, shift: int) -> tuple[torch.Tensor, torch.Tensor]:
+            v, at = part.topk(min(width, part.shape[2]), dim=-1)
+            at = at + (j * per + shift).view(1, groups, 1)
+            fill = width - v.shape[2]
+            return (torch.cat([v, v.new_full((t, groups, fill), float("-inf"))], 2),
+                    torch.cat([at, at.new_zeros(t, groups, fill)], 2))
+        (v_low, p_low), (v_high, p_high), (v_win, p_win) = best(low, 0), best(high, 1), best(window, 0)
+        cand_v = torch.stack([v_low, v_high, v_win], 1).view(t, 3 * groups, width)
+        cand_p = torch.stack([p_low, p_high, p_win], 1).view(t, 3 * groups, width)
+        at_j = big_j.view(1, groups + 1, 1, 1)
+        kind = torch.where(chosen < at_j, 0, torch.where(chosen > at_j, 1, 2))
+        flat = (kind * groups + chosen).view(t, -1, 1).expand(-1, -1, width)
+        vals = cand_v.gather(1, flat).view(t, groups + 1, 3, -1)
+        pos = cand_p.gather(1, flat).view(t, groups + 1, 3, -1)
+        # Cases 1 and 2 drop the window's best or second best.
+        w3_pos = torch.cat([w3_at[..., :2] + (j * per).view(1, groups, 1), w3_at.new_full((t, 1, 2), -1)], 1)
+        gone = torch.cat([w3_pos.new_full((t, groups + 1, 1), -2), w3_pos], 2)  # [t, groups + 1, 3]
+        vals = vals.masked_fill(pos == gone.unsqueeze(3), float("-inf"))
+        top = pos.gather(3, vals.topk(k + 1, dim=-1)[1])  # [t, groups + 1, 3, k + 1], best first
+        # Child i: its group's case, then its top k without i.
         i = torch.arange(big_m, device=dev)
-        part = (i // per).clamp_max(groups - 1)
-        offset = (i - part * per).view(1, big_m)
-        best = w3[:, part]  # [t, M, 3]
-        at = w3_at[:, part]
-        score_mid = torch.where(offset == at[..., 0], best[..., 1] + best[..., 2],
-                                torch.where(offset == at[..., 1], best[..., 0] + best[..., 2], best[..., 0] + best[..., 1]))
-        j = torch.arange(groups, device=dev)
-        drop_group = (i // per).view(big_m, 1)  # ``groups`` for the last expert: every group is "before"
-        before, after = j.view(1, groups) < drop_group, j.view(1, groups) > drop_group  # [M, groups]
-        group_scores = torch.where(before, score_low.unsqueeze(1), torch.where(after, score_high.unsqueeze(1), score_mid.unsqueeze(2)))
-        chosen = torch.topk(group_scores, k=self.topk_group, dim=-1, sorted=False)[1]  # [t, M, topk_group]
-        # Candidates: each chosen group's best kk (window: kk + 1, i masked), padded to kk + 1.
-        pad = torch.full((t, groups, 1), float("-inf"), device=dev)
-        v_low, p_low = low.topk(kk, dim=-1)
-        v_high, p_high = high.topk(kk, dim=-1)
-        v_win, p_win = window.topk(kk + 1, dim=-1)
-        base = (j * per).view(1, groups, 1)
-        cand_v = torch.stack([torch.cat([v_low, pad], 2), torch.cat([v_high, pad], 2), v_win], 1)  # [t, 3, groups, kk + 1]
-        zero = torch.zeros((t, groups, 1), dtype=torch.long, device=dev)
-        cand_p = torch.stack([torch.cat([p_low + base, zero], 2), torch.cat([p_high + base + 1, zero], 2), p_win + base], 1)
-        at_drop = drop_group.view(1, big_m, 1)
-        kind = torch.where(chosen < at_drop, 0, torch.where(chosen > at_drop, 1, 2))  # [t, M, topk_group]
-        flat = (kind * groups + chosen).view(t, -1, 1).expand(-1, -1, kk + 1)  # index into [3 * groups]
-        vals = cand_v.view(t, 3 * groups, kk + 1).gather(1, flat).view(t, big_m, -1)
-        pos = cand_p.view(t, 3 * groups, kk + 1).gather(1, flat).view(t, big_m, -1)
-        vals = vals.masked_fill(pos == i.view(1, big_m, 1), float("-inf"))
-        picked = pos.gather(2, torch.topk(vals, k=self.top_k, dim=-1, sorted=False)[1])  # [t, M, k]
-        weights = scores.gather(1, picked.view(t, -1)).view(t, big_m, self.top_k)
+        part = torch.div(i, per, rounding_mode="floor")
+        case = torch.where(i.view(1, -1) == w3_pos[:, part, 0], 1, torch.where(i.view(1, -1) == w3_pos[:, part, 1], 2, 0))
+        lists = top.view(t, -1, k + 1).gather(1, (part * 3 + case).unsqueeze(2).expand(-1, -1, k + 1))  # [t, M, k + 1]
+        here = lists == i.view(1, -1, 1)
+        skip = torch.where(here.any(2), here.to(torch.int8).argmax(2), k).unsqueeze(2)
+        ks = torch.arange(k, device=dev).view(1, 1, k)
+        picked = lists.gather(2, ks + (ks >= skip).long())
+        weights = scores.gather(1, picked.view(t, -1)).view(t, big_m, k)
         if self.renormalize:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + self.eps)
         return weights * self.scale, picked
