@@ -131,10 +131,19 @@ def first_of_each(scored: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[
     """Distinct sets of ``(kept [C_i, m], losses [C_i])`` pairs in lexicographic order, each with its first loss."""
     rows = torch.cat([kept for kept, _ in scored])
     losses = torch.cat([loss.double().cpu() for _, loss in scored])
-    kept, inverse = torch.unique(rows, dim=0, return_inverse=True)
-    first = torch.full((kept.shape[0],), rows.shape[0], dtype=torch.long)
-    first.scatter_reduce_(0, inverse, torch.arange(rows.shape[0]), "amin")
-    return kept, losses[first]
+    # Sets of one size in lexicographic order are their bit masks (lowest expert highest) descending:
+    # stable sorts by 62-bit words, least significant first, keep each set's first occurrence first.
+    bits = 62
+    member = torch.zeros(rows.shape[0], -(-(int(rows.max()) + 1) // bits) * bits, dtype=torch.long)
+    member.scatter_(1, rows, 1)
+    words = (member.view(rows.shape[0], -1, bits) << torch.arange(bits - 1, -1, -1)).sum(2)
+    order = torch.arange(rows.shape[0])
+    for w in range(words.shape[1] - 1, -1, -1):
+        order = order[torch.sort(-words[order, w], stable=True).indices]
+    words = words[order]
+    first = torch.ones(order.numel(), dtype=torch.bool)
+    first[1:] = (words[1:] != words[:-1]).any(1)
+    return rows[order[first]], losses[order[first]]
 
 
 def beam_search(
