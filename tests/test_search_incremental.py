@@ -125,14 +125,15 @@ def test_drop_one_routes_as_the_rule_on_each_child() -> None:
     rule = SigmoidBiasTopK(top_k=4, n_group=4, topk_group=2, renormalize=True, scale=2.5)
     gen = torch.Generator().manual_seed(0)
     logits, bias = torch.randn(64, 13, generator=gen) * 2, torch.randn(13, generator=gen) * 0.3
-    w, pos = rule.drop_one(logits, bias)
+    routes = rule.drop_one(logits, bias)
+    assert torch.equal(routes.tok[routes.use], torch.arange(64).view(-1, 1).expand(64, 13))
     for i in range(13):
         keep = torch.tensor([e for e in range(13) if e != i])
         w_ref, loc = rule(logits[:, keep], bias[keep])
-        ours, order = pos[:, i].sort(1)
+        ours, order = routes.positions[routes.use[:, i]].sort(1)
         ref, ref_order = keep[loc].sort(1)
         assert torch.equal(ours, ref)
-        assert torch.allclose(w[:, i].gather(1, order), w_ref.gather(1, ref_order), rtol=1e-6)
+        assert torch.allclose(routes.weights[routes.use[:, i]].gather(1, order), w_ref.gather(1, ref_order), rtol=1e-6)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -42,6 +42,20 @@ def routes_children(rule: object) -> bool:
 
 
 @dataclass(frozen=True)
+class ChildRoutes:
+    """Routings of many sets on many tokens, each distinct one stored once.
+
+    Row ``r`` routes token ``tok[r]`` to ``positions[r]`` with ``weights[r]`` ``[k]``; set ``i``
+    on token ``t`` uses row ``use[t, i]``.
+    """
+
+    tok: torch.Tensor
+    weights: torch.Tensor
+    positions: torch.Tensor
+    use: torch.Tensor
+
+
+@dataclass(frozen=True)
 class SoftmaxTopK:
     """``p = softmax(logits)``, top-k of ``p``, optionally renormalised, times ``scale``.
 
@@ -126,11 +140,11 @@ class SigmoidBiasTopK:
         scores = torch.sigmoid(logits)
         return scores, (scores if bias is None else scores + bias.float())
 
-    def drop_one(self, logits: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def drop_one(self, logits: torch.Tensor, bias: torch.Tensor | None = None) -> ChildRoutes:
         """This rule on every set that drops one of ``M = n_group * g + 1`` experts at once.
 
-        ``logits [T, M]`` (bias ``[M]``) -> weights and positions among the ``M``, ``[T, M, k]``;
-        row ``i`` routes the experts other than ``i``, as ``self(logits without column i)`` does.
+        ``logits [T, M]`` (bias ``[M]``) -> the distinct routings (positions among the ``M``) and
+        which one child ``i`` uses on each token, as ``self(logits without column i)`` routes it.
         Dropping ``i`` (group ``J = i // g``) leaves the child's groups before ``J`` at positions
         ``[jg, jg + g)``, those after at ``[jg + 1, jg + g + 1)`` and group ``J`` the window
         ``[Jg, Jg + g]`` without ``i``. Group ``J``'s score then takes one of three values (``i``
@@ -147,24 +161,31 @@ class SigmoidBiasTopK:
         low = choice[:, : groups * per].view(t, groups, per)  # the child's groups before J
         high = choice[:, 1:].view(t, groups, per)  # after J
         window = choice.unfold(1, per + 1, per)  # [t, groups, per + 1]: group J's window
-        w3, w3_at = window.topk(3, dim=-1)
-        # Group J's score as the rule computes it (the sum of the best two left), per case.
-        mid = torch.stack([w3[..., 0] + w3[..., 1], w3[..., 1] + w3[..., 2], w3[..., 0] + w3[..., 2]], 2)
-        mid = torch.cat([mid, mid.new_zeros(t, 1, 3)], 1)  # J = groups: the last expert dropped, no window
         j, big_j = torch.arange(groups, device=dev), torch.arange(groups + 1, device=dev).view(-1, 1)
-        before, after = (j < big_j).view(1, groups + 1, 1, groups), (j > big_j).view(1, groups + 1, 1, groups)
-        score_low = low.topk(2, dim=-1)[0].sum(dim=-1).view(t, 1, 1, groups)
-        score_high = high.topk(2, dim=-1)[0].sum(dim=-1).view(t, 1, 1, groups)
-        group_scores = torch.where(before, score_low, torch.where(after, score_high, mid.unsqueeze(3)))
-        chosen = torch.topk(group_scores, k=self.topk_group, dim=-1, sorted=False)[1]  # [t, groups + 1, 3, topk_group]
-        # Candidates: each group's best ``width`` (padded), as choice values and positions.
+        j_all = big_j.view(-1)
+
         def best(part: torch.Tensor, shift: int) -> tuple[torch.Tensor, torch.Tensor]:
+            """Each group's best ``width`` (padded with -inf) as choice values and positions, best first."""
             v, at = part.topk(min(width, part.shape[2]), dim=-1)
             at = at + (j * per + shift).view(1, groups, 1)
             fill = width - v.shape[2]
             return (torch.cat([v, v.new_full((t, groups, fill), float("-inf"))], 2),
                     torch.cat([at, at.new_zeros(t, groups, fill)], 2))
+
         (v_low, p_low), (v_high, p_high), (v_win, p_win) = best(low, 0), best(high, 1), best(window, 0)
+        # Group J's score as the rule computes it (the sum of the best two left), per case.
+        w3 = v_win[..., :3]
+        mid = torch.stack([w3[..., 0] + w3[..., 1], w3[..., 1] + w3[..., 2], w3[..., 0] + w3[..., 2]], 2)
+        mid = torch.cat([mid, mid.new_zeros(t, 1, 3)], 1)  # J = groups: the last expert dropped, no window
+        before, after = (j < big_j).view(1, groups + 1, 1, groups), (j > big_j).view(1, groups + 1, 1, groups)
+        score_low = (v_low[..., 0] + v_low[..., 1]).view(t, 1, 1, groups)
+        score_high = (v_high[..., 0] + v_high[..., 1]).view(t, 1, 1, groups)
+        group_scores = torch.where(before, score_low, torch.where(after, score_high, mid.unsqueeze(3)))
+        # The best topk_group groups by rank (a top-k over rows this short costs more than comparing).
+        a, b = group_scores.unsqueeze(4), group_scores.unsqueeze(3)  # [..., a, b]: group b ahead of group a?
+        ahead = (b > a) | ((b == a) & (j.view(1, -1) < j.view(-1, 1)))
+        rank = ahead.view(torch.uint8).sum(4, dtype=torch.uint8)
+        chosen = (rank < self.topk_group).nonzero()[:, 3].view(t, groups + 1, 3, self.topk_group)
         cand_v = torch.stack([v_low, v_high, v_win], 1).view(t, 3 * groups, width)
         cand_p = torch.stack([p_low, p_high, p_win], 1).view(t, 3 * groups, width)
         at_j = big_j.view(1, groups + 1, 1, 1)
@@ -173,23 +194,35 @@ class SigmoidBiasTopK:
         vals = cand_v.gather(1, flat).view(t, groups + 1, 3, -1)
         pos = cand_p.gather(1, flat).view(t, groups + 1, 3, -1)
         # Cases 1 and 2 drop the window's best or second best.
-        w3_pos = torch.cat([w3_at[..., :2] + (j * per).view(1, groups, 1), w3_at.new_full((t, 1, 2), -1)], 1)
+        w3_pos = torch.cat([p_win[..., :2], p_win.new_full((t, 1, 2), -1)], 1)
         gone = torch.cat([w3_pos.new_full((t, groups + 1, 1), -2), w3_pos], 2)  # [t, groups + 1, 3]
         vals = vals.masked_fill(pos == gone.unsqueeze(3), float("-inf"))
         top = pos.gather(3, vals.topk(k + 1, dim=-1)[1])  # [t, groups + 1, 3, k + 1], best first
-        # Child i: its group's case, then its top k without i.
+        # Child i uses its group's case; in case 0 a child whose expert is among the first k routes
+        # to the k + 1 without it (a row of its own), the others to the first k.
         i = torch.arange(big_m, device=dev)
         part = torch.div(i, per, rounding_mode="floor")
         case = torch.where(i.view(1, -1) == w3_pos[:, part, 0], 1, torch.where(i.view(1, -1) == w3_pos[:, part, 1], 2, 0))
-        lists = top.view(t, -1, k + 1).gather(1, (part * 3 + case).unsqueeze(2).expand(-1, -1, k + 1))  # [t, M, k + 1]
-        here = lists == i.view(1, -1, 1)
-        skip = torch.where(here.any(2), here.to(torch.int8).argmax(2), k).unsqueeze(2)
-        ks = torch.arange(k, device=dev).view(1, 1, k)
-        picked = lists.gather(2, ks + (ks >= skip).long())
-        weights = scores.gather(1, picked.view(t, -1)).view(t, big_m, k)
+        use = (torch.arange(t, device=dev).view(-1, 1) * (groups + 1) + part.view(1, -1)) * 3 + case  # [t, M]
+        first = top[:, :, 0, :k]  # [t, groups + 1, k]
+        own = (torch.div(first, per, rounding_mode="floor") == j_all.view(1, -1, 1)) & (first != w3_pos[..., :1]) & (
+            first != w3_pos[..., 1:])  # [t, groups + 1, k]: case-0 children whose expert is routed to
+        at = own.nonzero()  # (token, J, place)
+        base_rows = top[..., :k].reshape(-1, k)
+        ks = torch.arange(k, device=dev).view(1, k)
+        own_rows = top[at[:, 0], at[:, 1], 0].gather(1, ks + (ks >= at[:, 2:]).long())  # [R', k]: without it
+        use[at[:, 0], first[at[:, 0], at[:, 1], at[:, 2]]] = base_rows.shape[0] + torch.arange(at.shape[0], device=dev)
+        positions = torch.cat([base_rows, own_rows])
+        tok = torch.cat([torch.arange(t, device=dev).repeat_interleave(3 * (groups + 1)), at[:, 0]])
+        # Keep the rows some child uses.
+        used = torch.zeros(positions.shape[0], dtype=torch.bool, device=dev)
+        used[use.view(-1)] = True
+        index = used.cumsum(0) - 1
+        positions, tok, use = positions[used], tok[used], index[use]
+        weights = scores[tok.unsqueeze(1), positions]
         if self.renormalize:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + self.eps)
-        return weights * self.scale, picked
+        return ChildRoutes(tok, weights * self.scale, positions, use)
 
     def __call__(self, logits: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         scores, choice = self._scores(logits, bias)

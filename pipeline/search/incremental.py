@@ -38,7 +38,7 @@ PREFETCH = 8
 
 @dataclasses.dataclass(frozen=True)
 class _Runs:
-    """Drop-one children of a parent on every token, each run of equal routings stored once.
+    """Drop-one children of a parent on every token, each distinct routing stored once.
 
     Row ``r`` routes token ``tok[r]`` to ``ids[r]`` with weights ``w[r]`` ``[k]``; token ``t``'s
     child ``i`` uses row ``run[t, i]``.
@@ -287,24 +287,18 @@ class LazyScorer:
         return out
 
     def _runs(self, par: torch.Tensor, rule: Any) -> _Runs:
-        """Every child's routing on every token by ``rule.drop_one``, each run of equal routings once."""
+        """Every child's routing on every token by ``rule.drop_one``, each distinct routing once."""
         m, k, t_all = par.numel(), self.k, self.layout.num_tokens
         bias = None if self.bias is None else self.bias[par]
         step = max(1, SCORE_ELEMENTS // (m * (rule.n_group + rule.topk_group * (k + 1))))
         toks, ws, ids, run = [], [], [], torch.empty(t_all, m, dtype=torch.long, device=self.device)
         rows = 0
         for s0 in range(0, t_all, step):
-            tok = torch.arange(s0, min(s0 + step, t_all), device=self.device)
-            w, pos = rule.drop_one(self.logits[tok].index_select(1, par), bias)  # [t, m, k]
-            pos, order = pos.sort(dim=2)
-            # Children next to each other mostly route a token alike: score the first of each run.
-            first = torch.ones(tok.numel(), m, dtype=torch.bool, device=self.device)
-            first[:, 1:] = (pos[:, 1:] != pos[:, :-1]).any(dim=2)
-            run[tok] = first.view(-1).cumsum(0).view(tok.numel(), m) - 1 + rows
-            rows += int(first.sum())
-            toks.append(tok.unsqueeze(1).expand(-1, m)[first])
-            ws.append(w.gather(2, order)[first])
-            ids.append(par[pos[first]])
+            s1 = min(s0 + step, t_all)
+            routes = rule.drop_one(self.logits[s0:s1].index_select(1, par), bias)
+            run[s0:s1] = routes.use + rows
+            rows += routes.tok.numel()
+            toks.append(routes.tok + s0), ws.append(routes.weights), ids.append(par[routes.positions])
         return _Runs(torch.cat(toks), torch.cat(ws), torch.cat(ids), run)
 
     def _runs_losses(self, runs: _Runs) -> torch.Tensor:
