@@ -273,8 +273,14 @@ class LazyScorer:
             need_tok.append(tok.expand_as(top).reshape(-1)), need_id.append(top.reshape(-1))
         if need_tok:
             self.ensure(torch.cat(need_tok), torch.cat(need_id))
+        local_losses: dict[int, torch.Tensor] = {}
+        for size in sorted({pars[i].numel() for i, plan in enumerate(plans) if isinstance(plan, torch.Tensor)}):
+            local = [i for i, plan in enumerate(plans) if isinstance(plan, torch.Tensor) and pars[i].numel() == size]
+            tops_of = [plans[i] for i in local]
+            losses_of = self._children_losses_many([pars[i] for i in local], self._rule(size - 1), tops_of)  # type: ignore[arg-type]
+            local_losses.update(zip(local, losses_of, strict=True))
         out: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for par, plan in zip(pars, plans, strict=True):
+        for i, (par, plan) in enumerate(zip(pars, plans, strict=True)):
             m = par.numel()
             kept = par.unsqueeze(0).expand(m, m).masked_select(~torch.eye(m, dtype=torch.bool, device=self.device))
             kept = kept.view(m, m - 1)
@@ -283,14 +289,15 @@ class LazyScorer:
             elif isinstance(plan, _Runs):
                 out.append((kept.cpu(), self._runs_losses(plan)))
             else:
-                out.append((kept.cpu(), self._children_losses(par, self._rule(m - 1), plan)))
+                out.append((kept.cpu(), local_losses[i]))
         return out
 
     def _runs(self, par: torch.Tensor, rule: Any) -> _Runs:
         """Every child's routing on every token by ``rule.drop_one``, each distinct routing once."""
         m, k, t_all = par.numel(), self.k, self.layout.num_tokens
         bias = None if self.bias is None else self.bias[par]
-        step = max(1, SCORE_ELEMENTS // (m * (rule.n_group + rule.topk_group * (k + 1))))
+        groups = rule.n_group  # drop_one's values per token: 3 (groups + 1) (groups^2 + 2 topk_group (k + 1)) + 2 m
+        step = max(1, SCORE_ELEMENTS // (3 * (groups + 1) * (groups**2 + 2 * rule.topk_group * (k + 1)) + 2 * m))
         toks, ws, ids, run = [], [], [], torch.empty(t_all, m, dtype=torch.long, device=self.device)
         rows = 0
         for s0 in range(0, t_all, step):
@@ -316,43 +323,76 @@ class LazyScorer:
         bias = None if self.bias is None else self.bias[par]
         return torch.cat([par[wider(self.logits[s:e].index_select(1, par), bias)[1]] for s, e in self.layout.chunks()])
 
-    def _children_losses(self, par: torch.Tensor, rule: Any, top_all: torch.Tensor) -> torch.Tensor:
-        """Losses ``[m]`` of the sets ``par - {e}``, the parent's top ``k + 1`` per token given and computed."""
-        m, k, nb = par.numel(), self.k, self.layout.num_batches
-        position = torch.full((self.n,), -1, dtype=torch.long, device=self.device)
-        position[par] = torch.arange(m, device=self.device)
-        base = torch.zeros(1, nb, dtype=torch.float64, device=self.device)
-        delta = torch.zeros(m, nb, dtype=torch.float64, device=self.device)
+    def _local_errors(self, rule: Any, tok: torch.Tensor, top: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Rows of a token ``tok [R]`` and a parent's top ``k + 1`` there ``top [R, k + 1]`` (computed):
+        the parent's squared error under the child's ``rule`` ``[R]``, the ``k`` experts it routes
+        to ``[R, k]`` and, for the child dropping each, the change in squared error ``[R, k]``."""
+        k = self.k
         # others[p]: the positions 0..k other than p, for the k + 1 experts a token may use.
         others = torch.arange(k + 1, device=self.device).expand(k + 1, k + 1)
         others = others.masked_select(~torch.eye(k + 1, dtype=torch.bool, device=self.device)).view(k + 1, k)
-        for start, end in self.layout.chunks():
-            t = end - start
-            tok = torch.arange(start, end, device=self.device)
-            top = top_all[start:end]  # [t, k + 1]: the parent's top k + 1 under the child's rule
-            top_logits = self.logits[tok.unsqueeze(1), top]
-            top_bias = None if self.bias is None else self.bias[top]
-            slots = self.slot_of[tok.unsqueeze(1), top]
-            gram = self._gram_at(tok, slots)  # [t, k + 1, k + 1]
-            u = self.u[tok.unsqueeze(1), slots]
+        err_b = torch.empty(tok.numel(), dtype=torch.float64, device=self.device)
+        routed = torch.empty(tok.numel(), k, dtype=torch.long, device=self.device)
+        diff = torch.empty(tok.numel(), k, dtype=torch.float64, device=self.device)
+        step = max(1, SCORE_ELEMENTS // ((k + 1) ** 2 * (k + 2)))
+        for r0 in range(0, tok.numel(), step):
+            tk, tp = tok[r0 : r0 + step], top[r0 : r0 + step]
+            t = tk.numel()
+            top_logits = self.logits[tk.unsqueeze(1), tp]
+            top_bias = None if self.bias is None else self.bias[tp]
+            slots = self.slot_of[tk.unsqueeze(1), tp]
+            gram = self._gram_at(tk, slots)  # [t, k + 1, k + 1]
+            u = self.u[tk.unsqueeze(1), slots]
             # The parent's routing under the child's rule is the rule on its top k + 1 (the rule is local).
             w_b, loc_b = rule(top_logits, top_bias)
             a_b = torch.zeros(t, 1, k + 1, dtype=torch.float64, device=self.device)
             a_b.scatter_(2, loc_b.unsqueeze(1), w_b.double().unsqueeze(1))
-            # The child dropping top[t, p] (p in loc_b[t]) routes token t among the other k of the k + 1.
+            # The child dropping tp[t, p] (p in loc_b[t]) routes token t among the other k of the k + 1.
             pos = others[loc_b]  # [t, k, k]
             w_c, loc_c = rule(top_logits.gather(1, pos.view(t, -1)).view(t * k, k),
                               None if top_bias is None else top_bias.gather(1, pos.view(t, -1)).view(t * k, k))
             a_c = torch.zeros(t, k, k + 1, dtype=torch.float64, device=self.device)
             a_c.scatter_(2, pos.gather(2, loc_c.view(t, k, k)), w_c.double().view(t, k, k))
-            err_b = self._err2_local(a_b, gram, u, tok).squeeze(1)  # [t]
-            diff = self._err2_local(a_c, gram, u, tok) - err_b.unsqueeze(1)  # [t, k]
-            self.layout.batch_sums(start, end, err_b.unsqueeze(0), base)
-            # Each token's k dropped experts are distinct: a scatter, then contiguous per-batch sums.
-            per_child = torch.zeros(t, m, dtype=torch.float64, device=self.device)
-            per_child.scatter_(1, position[top.gather(1, loc_b)], diff)
-            self.layout.batch_sums(start, end, per_child.t(), delta)
-        return (base + delta).clamp_min_(0).sqrt_().sum(1).cpu()
+            e_b = self._err2_local(a_b, gram, u, tk).squeeze(1)
+            err_b[r0 : r0 + t] = e_b
+            routed[r0 : r0 + t] = tp.gather(1, loc_b)
+            diff[r0 : r0 + t] = self._err2_local(a_c, gram, u, tk) - e_b.unsqueeze(1)
+        return err_b, routed, diff
+
+    def _children_losses_many(self, pars: list[torch.Tensor], rule: Any, tops: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Losses ``[m]`` of the sets ``par - {e}`` of parents of one size, each parent's top ``k + 1``
+        per token given and computed. A token's rows are computed once per distinct top ``k + 1``
+        among the parents (beam parents share most of them)."""
+        p_all, t_all, k, nb = len(pars), self.layout.num_tokens, self.k, self.layout.num_batches
+        top = torch.stack(tops)  # [P, T, k + 1]
+        key = top.sort(dim=2).values
+        first = torch.arange(p_all, device=self.device).view(-1, 1).expand(p_all, t_all).clone()
+        for q in range(p_all - 1, -1, -1):  # the first parent with the same top k + 1 on the token
+            same = (key == key[q]).all(dim=2)
+            same[: q + 1] = False
+            first[same] = q
+        own = first == torch.arange(p_all, device=self.device).view(-1, 1)
+        row_of = torch.full((p_all, t_all), -1, dtype=torch.long, device=self.device)
+        row_of[own] = torch.arange(int(own.sum()), device=self.device)
+        where = own.nonzero()  # (parent, token), parent-major
+        err_b, routed, diff = self._local_errors(rule, where[:, 1], top[where[:, 0], where[:, 1]])
+        rows = row_of.gather(0, first)  # [P, T]
+        out = []
+        for p, par in enumerate(pars):
+            m = par.numel()
+            position = torch.full((self.n,), -1, dtype=torch.long, device=self.device)
+            position[par] = torch.arange(m, device=self.device)
+            base = torch.zeros(1, nb, dtype=torch.float64, device=self.device)
+            delta = torch.zeros(m, nb, dtype=torch.float64, device=self.device)
+            for start, end in self.layout.chunks():
+                r = rows[p, start:end]
+                self.layout.batch_sums(start, end, err_b[r].unsqueeze(0), base)
+                # Each token's k dropped experts are distinct: a scatter, then contiguous per-batch sums.
+                per_child = torch.zeros(end - start, m, dtype=torch.float64, device=self.device)
+                per_child.scatter_(1, position[routed[r]], diff[r])
+                self.layout.batch_sums(start, end, per_child.t(), delta)
+            out.append((base + delta).clamp_min_(0).sqrt_().sum(1).cpu())
+        return out
 
     def close(self) -> None:
         """Drop the cached outputs."""
