@@ -1,7 +1,7 @@
 """Incremental scoring of kept-expert sets for greedy and beam search on fine-grained MoEs (docs/search.md).
 
 :class:`LazyScorer` computes an expert's output on a token only when some scored set routes that
-token to it. Each token keeps the outputs it has so far in *slots*, with their float64 Gram matrix
+token to it, or will within ``prefetch`` levels (below). Each token keeps the outputs it has so far in *slots*, with their float64 Gram matrix
 ``G`` and ``u = G a(full)``; a set's squared output error on a token is then
 ``a^T G a - 2 a(S)^T u + a(S)^T G a(S)`` over the token's slots, as in :mod:`pipeline.search.scoring`.
 
@@ -12,7 +12,13 @@ child then routes to those experts with ``e`` swapped for the token's ``(k + 1)`
 parent's per-token errors are computed once, and each child recomputes only the tokens routed to
 its dropped expert: ``k`` rows per token for all ``|S|`` children together, instead of ``|S|``.
 Per-batch sums of squared errors are updated, then ``loss = sum_b sqrt(.)`` (method.md §2).
-Other rules score every child in full (:meth:`LazyScorer.losses`).
+The parents of one beam level are scored together, each token's rows once per distinct top
+``k + 1`` among them, and a level that needs new outputs computes each parent's top
+``k + 1 + prefetch`` at once (the sets of the next levels route within them).
+
+Group-limited rules that route every drop-one child at once (:func:`~pipeline.models.routing.routes_children`)
+score each distinct child routing once (``drop_one``). Other rules score every child in full
+(:meth:`LazyScorer.losses`).
 """
 
 from __future__ import annotations
@@ -57,7 +63,7 @@ class LazyScorer:
     ``losses``, ``close``) plus :meth:`children`. ``x`` is ``[N, L, d]`` or ``[T, d]`` in sequence
     order; a loss batch is ``tokens_per_batch`` consecutive tokens; experts run on at most
     ``token_chunk`` tokens at a time. Memory: ``T x slots x (d x dtype bytes + slots x 8)``, where
-    ``slots`` is the most experts any one token has been routed to by the scored sets.
+    ``slots`` is the most outputs any one token holds (routed to by scored sets, or computed ahead).
     """
 
     def __init__(
