@@ -26,7 +26,7 @@ Ratios are per repeat (dense, REAP and search timed in turn): the median and its
 bootstrap interval over repeats (``pipeline.evaluate.stats.speedup``; use 6 or more repeats).
 Exit status 1 when the median search / dense > 3 or the reference disagrees.
 
-    nice -n 10 .venv/bin/python bench/fine_grained_search.py --threads 2 [--shapes qwen3 deepseek]
+    nice -n 10 .venv/bin/python bench/fine_grained_search.py --threads 1 --repeats 6 [--shapes qwen3 deepseek]
 """
 
 from __future__ import annotations
