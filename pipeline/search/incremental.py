@@ -1,7 +1,7 @@
 """Incremental scoring of kept-expert sets for greedy and beam search on fine-grained MoEs (docs/search.md).
 
 :class:`LazyScorer` computes an expert's output on a token only when some scored set routes that
-token to it. Each token keeps the outputs it has so far in *slots*, with their float64 Gram matrix
+token to it, or will within ``prefetch`` levels (below). Each token keeps the outputs it has so far in *slots*, with their float64 Gram matrix
 ``G`` and ``u = G a(full)``; a set's squared output error on a token is then
 ``a^T G a - 2 a(S)^T u + a(S)^T G a(S)`` over the token's slots, as in :mod:`pipeline.search.scoring`.
 
@@ -12,7 +12,13 @@ child then routes to those experts with ``e`` swapped for the token's ``(k + 1)`
 parent's per-token errors are computed once, and each child recomputes only the tokens routed to
 its dropped expert: ``k`` rows per token for all ``|S|`` children together, instead of ``|S|``.
 Per-batch sums of squared errors are updated, then ``loss = sum_b sqrt(.)`` (method.md §2).
-Other rules score every child in full (:meth:`LazyScorer.losses`).
+The parents of one beam level are scored together, each token's rows once per distinct top
+``k + 1`` among them, and a level that needs new outputs computes each parent's top
+``k + 1 + prefetch`` at once (the sets of the next levels route within them).
+
+Group-limited rules that route every drop-one child at once (:func:`~pipeline.models.routing.routes_children`)
+score each distinct child routing once (``drop_one``). Other rules score every child in full
+(:meth:`LazyScorer.losses`).
 """
 
 from __future__ import annotations
@@ -25,13 +31,29 @@ import torch
 from torch import nn
 
 from pipeline.models.base import MoEAdapter
-from pipeline.models.routing import is_local
+from pipeline.models.routing import is_local, routes_children
 from pipeline.search.scoring import SCORE_ELEMENTS, CandidateRouter, RoutingStats, TokenLayout
 
 #: Expert-output elements converted to float64 at a time for new Gram rows.
 GRAM_ROW_ELEMENTS = 1 << 22
 #: Initial slots per token (grown by doubling).
 INITIAL_SLOTS = 16
+#: Experts beyond the top ``k + 1`` whose outputs a local level computes ahead when it computes any.
+PREFETCH = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class _Runs:
+    """Drop-one children of a parent on every token, each distinct routing stored once.
+
+    Row ``r`` routes token ``tok[r]`` to ``ids[r]`` with weights ``w[r]`` ``[k]``; token ``t``'s
+    child ``i`` uses row ``run[t, i]``.
+    """
+
+    tok: torch.Tensor
+    w: torch.Tensor
+    ids: torch.Tensor
+    run: torch.Tensor
 
 
 class LazyScorer:
@@ -41,7 +63,7 @@ class LazyScorer:
     ``losses``, ``close``) plus :meth:`children`. ``x`` is ``[N, L, d]`` or ``[T, d]`` in sequence
     order; a loss batch is ``tokens_per_batch`` consecutive tokens; experts run on at most
     ``token_chunk`` tokens at a time. Memory: ``T x slots x (d x dtype bytes + slots x 8)``, where
-    ``slots`` is the most experts any one token has been routed to by the scored sets.
+    ``slots`` is the most outputs any one token holds (routed to by scored sets, or computed ahead).
     """
 
     def __init__(
@@ -54,8 +76,10 @@ class LazyScorer:
         tokens_per_batch: int,
         token_chunk: int,
         device: torch.device | str = "cpu",
+        prefetch: int = PREFETCH,
     ) -> None:
         self.adapter = adapter
+        self.prefetch = prefetch
         self.block = block
         self.config = config
         self.x = x.reshape(-1, x.shape[-1])
@@ -148,13 +172,19 @@ class LazyScorer:
             tc, ec = t[c0 : c0 + chunk], e[c0 : c0 + chunk]
             xs = self.x.index_select(0, tc.to(self.x.device)).to(self.device, self._dtype)
             self.out[tc, slot[c0 : c0 + chunk]] = self.adapter.expert_outputs_at(self.block, xs, ec)
-        d = self.x.shape[1]
-        step = max(1, GRAM_ROW_ELEMENTS // (self.q * d))
-        for c0 in range(0, t.numel(), step):
-            tc, sc = t[c0 : c0 + step], slot[c0 : c0 + step]
-            rows = torch.bmm(self.out[tc].double(), self.out[tc, sc].double().unsqueeze(2)).squeeze(2)
-            self.gram[tc, sc, :] = rows
-            self.gram[tc, :, sc] = rows
+        # Gram rows of each token's new slots against its filled ones, the token's outputs converted once.
+        tu = t[starts]
+        new_max, filled = int(per_token.max()), int(self.count[tu].max())
+        pick = (starts.unsqueeze(1) + torch.arange(new_max, device=t.device)).minimum((starts + per_token - 1).unsqueeze(1))
+        new_slots = slot[pick]  # [U, new_max], padded by repeating a token's last new slot
+        cols = torch.arange(filled, device=t.device)
+        step = max(1, GRAM_ROW_ELEMENTS // (filled * self.x.shape[1]))
+        for c0 in range(0, tu.numel(), step):
+            tc, sc = tu[c0 : c0 + step], new_slots[c0 : c0 + step]
+            outs = self.out[tc, :filled].double()  # [u, filled, d]
+            rows = torch.bmm(outs.gather(1, sc.unsqueeze(2).expand(-1, -1, outs.shape[2])), outs.transpose(1, 2))
+            self.gram[tc.view(-1, 1, 1), sc.unsqueeze(2), cols.view(1, 1, -1)] = rows
+            self.gram[tc.view(-1, 1, 1), cols.view(1, -1, 1), sc.unsqueeze(1)] = rows.transpose(1, 2)
         if self.slots_full is not None:
             self._update_u(t, slot)
 
@@ -219,74 +249,156 @@ class LazyScorer:
         """
         if self.stats is None:
             raise RuntimeError("call prepare() before children()")
-        out: list[tuple[torch.Tensor, torch.Tensor]] = []
-        tops: list[torch.Tensor | None] = []
-        for parent in parents:
-            par = torch.tensor(sorted(int(e) for e in parent), dtype=torch.long, device=self.device)
+        pars = [torch.tensor(sorted(int(e) for e in parent), dtype=torch.long, device=self.device) for parent in parents]
+        plans: list[torch.Tensor | _Runs | None] = []
+        for par in pars:
             rule = self._rule(par.numel() - 1)
-            incremental = (
-                self.router.by_rule and is_local(rule) and par.numel() - 1 >= self.k
+            by_rule = (
+                self.router.by_rule and par.numel() - 1 >= self.k
                 and (self.bias is None or getattr(rule, "row_bias", False))
             )
-            tops.append(self._top(par, rule) if incremental else None)
-        wanted = [top for top in tops if top is not None]
-        if wanted:
-            tok = torch.arange(self.layout.num_tokens, device=self.device).repeat_interleave(self.k + 1)
-            self.ensure(tok.repeat(len(wanted)), torch.cat([top.reshape(-1) for top in wanted]))
-        for parent, top in zip(parents, tops, strict=True):
-            par = torch.tensor(sorted(int(e) for e in parent), dtype=torch.long, device=self.device)
+            if by_rule and is_local(rule):
+                plans.append(self._top(par, rule, self.k + 1))
+            elif by_rule and routes_children(rule) and (par.numel() - 1) % rule.n_group == 0:
+                plans.append(self._runs(par, rule))
+            else:
+                plans.append(None)
+        tops = [plan for plan in plans if isinstance(plan, torch.Tensor)]
+        tok = torch.arange(self.layout.num_tokens, device=self.device).unsqueeze(1)
+        if self.prefetch and any(bool((self.slot_of[tok, top] < 0).any()) for top in tops):
+            # A descendant i levels down routes within its ancestor's top k + 1 + i (local rules rank
+            # experts alone): computing the parents' next experts now saves the next levels a pass
+            # over every expert's weights for a few new tokens each.
+            tops = [self._top(par, self._rule(par.numel() - 1), self.k + 1 + self.prefetch)
+                    for par, plan in zip(pars, plans, strict=True) if isinstance(plan, torch.Tensor)]
+        need_tok, need_id = [], []
+        for plan in plans:
+            if isinstance(plan, _Runs):
+                need_tok.append(plan.tok.repeat_interleave(self.k)), need_id.append(plan.ids.reshape(-1))
+        for top in tops:
+            need_tok.append(tok.expand_as(top).reshape(-1)), need_id.append(top.reshape(-1))
+        if need_tok:
+            self.ensure(torch.cat(need_tok), torch.cat(need_id))
+        local_losses: dict[int, torch.Tensor] = {}
+        for size in sorted({pars[i].numel() for i, plan in enumerate(plans) if isinstance(plan, torch.Tensor)}):
+            local = [i for i, plan in enumerate(plans) if isinstance(plan, torch.Tensor) and pars[i].numel() == size]
+            tops_of = [plans[i] for i in local]
+            losses_of = self._children_losses_many([pars[i] for i in local], self._rule(size - 1), tops_of)  # type: ignore[arg-type]
+            local_losses.update(zip(local, losses_of, strict=True))
+        out: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for i, (par, plan) in enumerate(zip(pars, plans, strict=True)):
             m = par.numel()
             kept = par.unsqueeze(0).expand(m, m).masked_select(~torch.eye(m, dtype=torch.bool, device=self.device))
             kept = kept.view(m, m - 1)
-            if top is None:
+            if plan is None:
                 out.append((kept.cpu(), self.losses(kept)))
+            elif isinstance(plan, _Runs):
+                out.append((kept.cpu(), self._runs_losses(plan)))
             else:
-                out.append((kept.cpu(), self._children_losses(par, self._rule(m - 1), top)))
+                out.append((kept.cpu(), local_losses[i]))
         return out
 
-    def _top(self, par: torch.Tensor, rule: Any) -> torch.Tensor:
-        """Each token's top ``k + 1`` experts of ``par`` under ``rule`` ``[T, k + 1]``."""
-        wider = dataclasses.replace(rule, top_k=self.k + 1)
+    def _runs(self, par: torch.Tensor, rule: Any) -> _Runs:
+        """Every child's routing on every token by ``rule.drop_one``, each distinct routing once."""
+        m, k, t_all = par.numel(), self.k, self.layout.num_tokens
+        bias = None if self.bias is None else self.bias[par]
+        groups = rule.n_group  # drop_one's values per token: 3 (groups + 1) (groups^2 + 2 topk_group (k + 1)) + 2 m
+        step = max(1, SCORE_ELEMENTS // (3 * (groups + 1) * (groups**2 + 2 * rule.topk_group * (k + 1)) + 2 * m))
+        toks, ws, ids, run = [], [], [], torch.empty(t_all, m, dtype=torch.long, device=self.device)
+        rows = 0
+        for s0 in range(0, t_all, step):
+            s1 = min(s0 + step, t_all)
+            routes = rule.drop_one(self.logits[s0:s1].index_select(1, par), bias)
+            run[s0:s1] = routes.use + rows
+            rows += routes.tok.numel()
+            toks.append(routes.tok + s0), ws.append(routes.weights), ids.append(par[routes.positions])
+        return _Runs(torch.cat(toks), torch.cat(ws), torch.cat(ids), run)
+
+    def _runs_losses(self, runs: _Runs) -> torch.Tensor:
+        """Losses ``[m]`` of the children routed by :meth:`_runs` (their outputs computed)."""
+        m, nb = runs.run.shape[1], self.layout.num_batches
+        err = self.err2(runs.tok, runs.w, runs.ids)
+        acc = torch.zeros(m, nb, dtype=torch.float64, device=self.device)
+        for start, end in self.layout.chunks():
+            self.layout.batch_sums(start, end, err[runs.run[start:end]].t(), acc)
+        return acc.clamp_min_(0).sqrt_().sum(1).cpu()
+
+    def _top(self, par: torch.Tensor, rule: Any, top_k: int) -> torch.Tensor:
+        """Each token's top ``top_k`` experts of ``par`` (at most all) under ``rule`` ``[T, top_k]``."""
+        wider = dataclasses.replace(rule, top_k=min(top_k, par.numel()))
         bias = None if self.bias is None else self.bias[par]
         return torch.cat([par[wider(self.logits[s:e].index_select(1, par), bias)[1]] for s, e in self.layout.chunks()])
 
-    def _children_losses(self, par: torch.Tensor, rule: Any, top_all: torch.Tensor) -> torch.Tensor:
-        """Losses ``[m]`` of the sets ``par - {e}``, the parent's top ``k + 1`` per token given and computed."""
-        m, k, nb = par.numel(), self.k, self.layout.num_batches
-        position = torch.full((self.n,), -1, dtype=torch.long, device=self.device)
-        position[par] = torch.arange(m, device=self.device)
-        base = torch.zeros(1, nb, dtype=torch.float64, device=self.device)
-        delta = torch.zeros(m, nb, dtype=torch.float64, device=self.device)
+    def _local_errors(self, rule: Any, tok: torch.Tensor, top: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Rows of a token ``tok [R]`` and a parent's top ``k + 1`` there ``top [R, k + 1]`` (computed):
+        the parent's squared error under the child's ``rule`` ``[R]``, the ``k`` experts it routes
+        to ``[R, k]`` and, for the child dropping each, the change in squared error ``[R, k]``."""
+        k = self.k
         # others[p]: the positions 0..k other than p, for the k + 1 experts a token may use.
         others = torch.arange(k + 1, device=self.device).expand(k + 1, k + 1)
         others = others.masked_select(~torch.eye(k + 1, dtype=torch.bool, device=self.device)).view(k + 1, k)
-        for start, end in self.layout.chunks():
-            t = end - start
-            tok = torch.arange(start, end, device=self.device)
-            top = top_all[start:end]  # [t, k + 1]: the parent's top k + 1 under the child's rule
-            top_logits = self.logits[tok.unsqueeze(1), top]
-            top_bias = None if self.bias is None else self.bias[top]
-            slots = self.slot_of[tok.unsqueeze(1), top]
-            gram = self._gram_at(tok, slots)  # [t, k + 1, k + 1]
-            u = self.u[tok.unsqueeze(1), slots]
+        err_b = torch.empty(tok.numel(), dtype=torch.float64, device=self.device)
+        routed = torch.empty(tok.numel(), k, dtype=torch.long, device=self.device)
+        diff = torch.empty(tok.numel(), k, dtype=torch.float64, device=self.device)
+        step = max(1, SCORE_ELEMENTS // ((k + 1) ** 2 * (k + 2)))
+        for r0 in range(0, tok.numel(), step):
+            tk, tp = tok[r0 : r0 + step], top[r0 : r0 + step]
+            t = tk.numel()
+            top_logits = self.logits[tk.unsqueeze(1), tp]
+            top_bias = None if self.bias is None else self.bias[tp]
+            slots = self.slot_of[tk.unsqueeze(1), tp]
+            gram = self._gram_at(tk, slots)  # [t, k + 1, k + 1]
+            u = self.u[tk.unsqueeze(1), slots]
             # The parent's routing under the child's rule is the rule on its top k + 1 (the rule is local).
             w_b, loc_b = rule(top_logits, top_bias)
             a_b = torch.zeros(t, 1, k + 1, dtype=torch.float64, device=self.device)
             a_b.scatter_(2, loc_b.unsqueeze(1), w_b.double().unsqueeze(1))
-            # The child dropping top[t, p] (p in loc_b[t]) routes token t among the other k of the k + 1.
+            # The child dropping tp[t, p] (p in loc_b[t]) routes token t among the other k of the k + 1.
             pos = others[loc_b]  # [t, k, k]
             w_c, loc_c = rule(top_logits.gather(1, pos.view(t, -1)).view(t * k, k),
                               None if top_bias is None else top_bias.gather(1, pos.view(t, -1)).view(t * k, k))
             a_c = torch.zeros(t, k, k + 1, dtype=torch.float64, device=self.device)
             a_c.scatter_(2, pos.gather(2, loc_c.view(t, k, k)), w_c.double().view(t, k, k))
-            err_b = self._err2_local(a_b, gram, u, tok).squeeze(1)  # [t]
-            diff = self._err2_local(a_c, gram, u, tok) - err_b.unsqueeze(1)  # [t, k]
-            self.layout.batch_sums(start, end, err_b.unsqueeze(0), base)
-            # Each token's k dropped experts are distinct: a scatter, then contiguous per-batch sums.
-            per_child = torch.zeros(t, m, dtype=torch.float64, device=self.device)
-            per_child.scatter_(1, position[top.gather(1, loc_b)], diff)
-            self.layout.batch_sums(start, end, per_child.t(), delta)
-        return (base + delta).clamp_min_(0).sqrt_().sum(1).cpu()
+            e_b = self._err2_local(a_b, gram, u, tk).squeeze(1)
+            err_b[r0 : r0 + t] = e_b
+            routed[r0 : r0 + t] = tp.gather(1, loc_b)
+            diff[r0 : r0 + t] = self._err2_local(a_c, gram, u, tk) - e_b.unsqueeze(1)
+        return err_b, routed, diff
+
+    def _children_losses_many(self, pars: list[torch.Tensor], rule: Any, tops: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Losses ``[m]`` of the sets ``par - {e}`` of parents of one size, each parent's top ``k + 1``
+        per token given and computed. A token's rows are computed once per distinct top ``k + 1``
+        among the parents (beam parents share most of them)."""
+        p_all, t_all, k, nb = len(pars), self.layout.num_tokens, self.k, self.layout.num_batches
+        top = torch.stack(tops)  # [P, T, k + 1]
+        key = top.sort(dim=2).values
+        first = torch.arange(p_all, device=self.device).view(-1, 1).expand(p_all, t_all).clone()
+        for q in range(p_all - 1, -1, -1):  # the first parent with the same top k + 1 on the token
+            same = (key == key[q]).all(dim=2)
+            same[: q + 1] = False
+            first[same] = q
+        own = first == torch.arange(p_all, device=self.device).view(-1, 1)
+        row_of = torch.full((p_all, t_all), -1, dtype=torch.long, device=self.device)
+        row_of[own] = torch.arange(int(own.sum()), device=self.device)
+        where = own.nonzero()  # (parent, token), parent-major
+        err_b, routed, diff = self._local_errors(rule, where[:, 1], top[where[:, 0], where[:, 1]])
+        rows = row_of.gather(0, first)  # [P, T]
+        out = []
+        for p, par in enumerate(pars):
+            m = par.numel()
+            position = torch.full((self.n,), -1, dtype=torch.long, device=self.device)
+            position[par] = torch.arange(m, device=self.device)
+            base = torch.zeros(1, nb, dtype=torch.float64, device=self.device)
+            delta = torch.zeros(m, nb, dtype=torch.float64, device=self.device)
+            for start, end in self.layout.chunks():
+                r = rows[p, start:end]
+                self.layout.batch_sums(start, end, err_b[r].unsqueeze(0), base)
+                # Each token's k dropped experts are distinct: a scatter, then contiguous per-batch sums.
+                per_child = torch.zeros(end - start, m, dtype=torch.float64, device=self.device)
+                per_child.scatter_(1, position[routed[r]], diff[r])
+                self.layout.batch_sums(start, end, per_child.t(), delta)
+            out.append((base + delta).clamp_min_(0).sqrt_().sum(1).cpu())
+        return out
 
     def close(self) -> None:
         """Drop the cached outputs."""

@@ -127,6 +127,25 @@ def enumerate_all(kept: torch.Tensor, losses: torch.Tensor) -> StrategyResult:
     return StrategyResult(kept[i].tolist(), float(losses[i]), int(kept.shape[0]), kept.cpu(), losses.cpu())
 
 
+def first_of_each(scored: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distinct sets of ``(kept [C_i, m], losses [C_i])`` pairs in lexicographic order, each with its first loss."""
+    rows = torch.cat([kept for kept, _ in scored])
+    losses = torch.cat([loss.double().cpu() for _, loss in scored])
+    # Sets of one size in lexicographic order are their bit masks (lowest expert highest) descending:
+    # stable sorts by 62-bit words, least significant first, keep each set's first occurrence first.
+    bits = 62
+    member = torch.zeros(rows.shape[0], -(-(int(rows.max()) + 1) // bits) * bits, dtype=torch.long)
+    member.scatter_(1, rows, 1)
+    words = (member.view(rows.shape[0], -1, bits) << torch.arange(bits - 1, -1, -1)).sum(2)
+    order = torch.arange(rows.shape[0])
+    for w in range(words.shape[1] - 1, -1, -1):
+        order = order[torch.sort(-words[order, w], stable=True).indices]
+    words = words[order]
+    first = torch.ones(order.numel(), dtype=torch.bool)
+    first[1:] = (words[1:] != words[:-1]).any(1)
+    return rows[order[first]], losses[order[first]]
+
+
 def beam_search(
     fitness: Fitness, n: int, r: int, width: int, expand: Expand | None = None, down_to: int | None = None
 ) -> StrategyResult:
@@ -150,16 +169,11 @@ def beam_search(
             kept = torch.tensor(children, dtype=torch.long)
             losses = fitness(kept).double().cpu()
         else:
-            scored: dict[tuple[int, ...], float] = {}
-            for kids, kid_losses in expand(sorted(beams)):
-                for row, loss in zip(map(tuple, kids.tolist()), kid_losses.tolist(), strict=True):
-                    scored.setdefault(row, loss)
-            children = sorted(scored)
-            kept = torch.tensor(children, dtype=torch.long)
-            losses = torch.tensor([scored[c] for c in children], dtype=torch.float64)
-        evaluated += len(children)
-        order = sorted(range(len(children)), key=lambda i: (float(losses[i]), children[i]))
-        beams = [children[i] for i in order[:width]]
+            kept, losses = first_of_each(expand(sorted(beams)))
+        evaluated += kept.shape[0]
+        # Rows are in lexicographic order: a stable sort orders by (loss, set).
+        order = torch.sort(losses, stable=True).indices[:width]
+        beams = [tuple(kept[i].tolist()) for i in order.tolist()]
         last_kept, last_losses = kept, losses
         if down_to is not None:
             best = best_of(kept, losses)
