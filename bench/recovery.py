@@ -38,7 +38,7 @@ from pipeline.evaluate.runner import BenchmarkSetup, Variant, run_accuracy  # no
 from pipeline.export import Selection, export_pruned  # noqa: E402
 from pipeline.models import get_adapter  # noqa: E402
 from pipeline.models.loading import ModelManifest, load_model, load_tokenizer  # noqa: E402
-from pipeline.recovery import describe, distil, save_recovered  # noqa: E402
+from pipeline.recovery import describe, distil, learning_rates, save_recovered  # noqa: E402
 from pipeline.search import report as search_report  # noqa: E402
 from pipeline.search.run import run_layerwise  # noqa: E402
 
@@ -94,8 +94,7 @@ def main() -> None:
             save_recovered(merged, exported, out, recovery=describe(settings, report))
             name = f"recovered_r{r}_{target}"
             variants.append(Variant(name, out, pruned=True))
-            lrs = {"router": {"lr_router": settings.lr_router}, "lora": {"lr_lora": settings.lr_lora},
-                   "both": {"lr_router": settings.lr_router, "lr_lora": settings.lr_lora}}[target]
+            lrs = learning_rates(settings)
             runs.append({"name": name, "r": r, "targets": target, "steps": settings.steps, **lrs,
                          "seconds": seconds, "trainable_parameters": report.trainable_parameters,
                          "kl_first": report.curve[0]["kl"], "kl_last": report.curve[-1]["kl"]})

@@ -172,6 +172,16 @@ def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
+def learning_rates(settings: RecoverParams) -> dict[str, float]:
+    """The peak learning rates ``settings.targets`` trains with, by params key (``lr_router``, ``lr_lora``)."""
+    out = {}
+    if settings.targets in ("router", "both"):
+        out["lr_router"] = settings.lr_router
+    if settings.targets in ("lora", "both"):
+        out["lr_lora"] = settings.lr_lora
+    return out
+
+
 def param_groups(params: dict[str, nn.Parameter], routers: dict[str, nn.Parameter], settings: RecoverParams) -> list[dict]:
     """AdamW parameter groups: the routers at ``lr_router``, everything else that trains (LoRA) at
     ``lr_lora``; empty groups left out. Each group's ``peak`` is the lr its cosine schedule starts from."""
