@@ -6,6 +6,9 @@ e.g. ``merged`` against ``pruned``, from the per-document scores the benchmark k
 (``pipeline.evaluate.stats``: paired bootstrap, McNemar's exact test for accuracies).
 
     .venv/bin/python bench/paired_variants.py outputs/benchmark/results pruned merged
+
+``--gap-from original`` also prints, per perplexity task, the fraction of the ``original``-vs-``base``
+gap that ``other`` closes (``pipeline.evaluate.stats.gap_closed``; e.g. ``pruned recovered``).
 """
 
 from __future__ import annotations
@@ -40,8 +43,10 @@ def main() -> None:
     parser.add_argument("results", type=Path)
     parser.add_argument("base")
     parser.add_argument("other")
+    parser.add_argument("--gap-from", metavar="VARIANT", help="also the fraction of the VARIANT-vs-base gap other closes")
     args = parser.parse_args()
     base, other = _items(args.results, args.base), _items(args.results, args.other)
+    reference = _items(args.results, args.gap_from) if args.gap_from else None
     pairs = []
     for task in sorted(base):
         a, b = base[task], other[task]
@@ -51,6 +56,11 @@ def main() -> None:
             for metric in PERPLEXITY:
                 c = stats.compare_perplexity(metric, a.loglikelihood, b.loglikelihood, a.counts(metric) or [])
                 print(f"{args.other} - {args.base} {task} {metric}: {_fmt(c)}")
+                if reference is not None and reference[task].doc_ids == a.doc_ids:
+                    point, iv = stats.gap_closed(metric, reference[task].loglikelihood, a.loglikelihood, b.loglikelihood,
+                                                 a.counts(metric) or [])
+                    shown = "[-]" if iv is None else f"[{iv[0]:.2f}, {iv[1]:.2f}]"
+                    print(f"{args.other} closes of the {args.gap_from}-vs-{args.base} gap {task} {metric}: {point:.2f} {shown}")
         for metric, scores in a.scores.items():
             if metric.endswith("_stderr") or metric not in b.scores:
                 continue

@@ -5,13 +5,13 @@ Reads a reproduced project's outputs (the model stage's checkpoint, the activati
 calibration sets, the corpus stage's lm-eval tasks). For each ``--r`` it searches every layer by
 exact enumeration (the search stage's code), exports the pruned checkpoint (the export stage's code),
 then for each ``--targets`` runs ``pipeline.recovery.distil`` with the ``recover.*`` defaults (overridden
-by ``--steps`` / ``--lr-<target>``), and evaluates original, pruned and every recovered model on the
+by ``--steps``, ``--lr-router``, ``--lr-lora``), and evaluates original, pruned and every recovered model on the
 embedded perplexity tasks with lm-eval (the benchmark's code). The gap closed per domain is
 ``(bpb_pruned - bpb_recovered) / (bpb_pruned - bpb_original)`` with a paired bootstrap over documents
 (``pipeline.evaluate.stats.gap_closed``). Writes ``--json``; prints a Markdown table.
 
-    .venv/bin/python bench/recovery.py --outputs /tmp/recsnap/outputs --r 4 3 --targets router lora \\
-        --work /tmp/recbench --json bench/results/cpu-2026-12-03/recovery.json
+    OMP_NUM_THREADS=1 .venv/bin/python bench/recovery.py --outputs /tmp/recsnap/outputs --r 4 3 \\
+        --targets router lora --steps 8 --work /tmp/recbench --json /tmp/recovery.json
 """
 
 from __future__ import annotations
@@ -32,13 +32,13 @@ import torch  # noqa: E402
 
 from pipeline.activations import ActivationCache  # noqa: E402
 from pipeline.calibration import load_calibration_set  # noqa: E402
-from pipeline.config import BenchmarkParams, RecoverParams, SearchParams, SpeedParams  # noqa: E402
+from pipeline.config import BenchmarkParams, RecoverParams, SearchParams, SpeedParams, section  # noqa: E402
 from pipeline.evaluate import stats  # noqa: E402
 from pipeline.evaluate.runner import BenchmarkSetup, Variant, run_accuracy  # noqa: E402
 from pipeline.export import Selection, export_pruned  # noqa: E402
 from pipeline.models import get_adapter  # noqa: E402
 from pipeline.models.loading import ModelManifest, load_model, load_tokenizer  # noqa: E402
-from pipeline.recovery import RecoverySettings, describe, distil, save_recovered  # noqa: E402
+from pipeline.recovery import describe, distil, learning_rates, save_recovered  # noqa: E402
 from pipeline.search import report as search_report  # noqa: E402
 from pipeline.search.run import run_layerwise  # noqa: E402
 
@@ -67,9 +67,8 @@ def main() -> None:
     parser.add_argument("--r", type=int, nargs="+", default=[4, 3])
     parser.add_argument("--targets", nargs="+", default=["router", "lora"])
     parser.add_argument("--steps", type=int, default=None, help="recover.steps (default: the params default)")
-    parser.add_argument("--lr-router", type=float, default=None)
-    parser.add_argument("--lr-lora", type=float, default=None)
-    parser.add_argument("--lr-both", type=float, default=None)
+    parser.add_argument("--lr-router", type=float, default=None, help="recover.lr_router (default: the params default)")
+    parser.add_argument("--lr-lora", type=float, default=None, help="recover.lr_lora (default: the params default)")
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -84,25 +83,22 @@ def main() -> None:
         exported = export_at(r, args.outputs, manifest, args.work / f"export_r{r}")
         variants.append(Variant(f"pruned_r{r}", exported, pruned=True))
         for target in args.targets:
-            overrides = {"targets": target}
-            if args.steps is not None:
-                overrides["steps"] = args.steps
-            if getattr(args, f"lr_{target}") is not None:
-                overrides["lr"] = getattr(args, f"lr_{target}")
-            params = defaults.model_copy(update=overrides)
-            settings = RecoverySettings(**params.model_dump(exclude={"calibration"}))
+            given = {"steps": args.steps, "lr_router": args.lr_router, "lr_lora": args.lr_lora}
+            settings = section(RecoverParams, "recover", targets=target,
+                               **{k: v for k, v in given.items() if v is not None})
             student = load_model(exported)
             began = time.perf_counter()
             merged, report = distil(teacher, student, get_adapter(student.config), data.input_ids, settings)
             seconds = time.perf_counter() - began
             out = args.work / f"recovered_r{r}_{target}"
-            save_recovered(merged, exported, out, recovery=describe(settings, report, params.calibration))
+            save_recovered(merged, exported, out, recovery=describe(settings, report))
             name = f"recovered_r{r}_{target}"
             variants.append(Variant(name, out, pruned=True))
-            runs.append({"name": name, "r": r, "targets": target, "steps": settings.steps, "lr": settings.lr,
+            lrs = learning_rates(settings)
+            runs.append({"name": name, "r": r, "targets": target, "steps": settings.steps, **lrs,
                          "seconds": seconds, "trainable_parameters": report.trainable_parameters,
                          "kl_first": report.curve[0]["kl"], "kl_last": report.curve[-1]["kl"]})
-            print(f"{name}: {settings.steps} steps, lr {settings.lr}, {seconds:.1f} s, KL {report.curve[0]['kl']:.4f} -> "
+            print(f"{name}: {settings.steps} steps, {lrs}, {seconds:.1f} s, KL {report.curve[0]['kl']:.4f} -> "
                   f"{report.curve[-1]['kl']:.4f} ({report.trainable_parameters} trainable)", flush=True)
     tasks = [f"embedded_{d}_ppl" for d in ("prose", "code", "arith")]
     setup = BenchmarkSetup(BenchmarkParams(tasks=tasks, speed=SpeedParams(prompts=1, new_tokens=1, repeats=1, warmup=0)),

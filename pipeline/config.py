@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -46,9 +46,10 @@ VARIANTS = tuple(VARIANT_KINDS)
 #: The default ``benchmark.variants`` (each variant adds about 25 s to the default benchmark).
 DEFAULT_VARIANTS = ("original", "original_skip", "pruned", "pruned_skip")
 VariantName = Literal[VARIANTS]  # type: ignore[valid-type]
-#: ``recover.steps`` / ``recover.lr`` defaults: router-only distillation that costs well under a minute on the embedded default.
+#: ``recover.steps`` default: router-only distillation that costs well under a minute on the embedded default.
 DEFAULT_RECOVER_STEPS = 8
-DEFAULT_RECOVER_LR = 1e-3
+#: ``recover.targets``: what the distillation trains (each target its own ``recover.lr_<target>``; ``both`` trains both).
+RECOVER_TARGETS = ("router", "lora", "both")
 #: ``export.merge`` methods: how each dropped expert is assigned to a kept one (docs/merging.md).
 MERGE_METHODS = ("none", "output", "router")
 
@@ -97,6 +98,9 @@ class Section(BaseModel):
     """Base of every params section: unknown keys are errors, values are not coerced across types."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+SectionT = TypeVar("SectionT", bound=Section)
 
 
 class TrackingParams(Section):
@@ -408,7 +412,7 @@ class RecoverParams(Section):
         DEFAULT_RECOVER_STEPS,
         description="optimizer steps; 0 passes the exported checkpoint through unchanged (the same files)",
     )
-    targets: Literal["router", "lora", "both"] = Field(
+    targets: Literal[RECOVER_TARGETS] = Field(  # type: ignore[valid-type]
         "router",
         description="router (the MoE routers' weights only) | lora (LoRA on attention, dense/shared linears and the "
         "fused experts, merged back) | both",
@@ -418,8 +422,11 @@ class RecoverParams(Section):
         min_length=1,
         description="calibration set the student trains on (any calibration.sets entry, e.g. one over a train split)",
     )
-    lr: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(
-        DEFAULT_RECOVER_LR, description="peak AdamW learning rate (cosine decay to 10%)"
+    lr_router: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(
+        1e-3, description="peak AdamW learning rate of the routers (targets router/both; cosine decay to 10%)"
+    )
+    lr_lora: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(
+        3e-4, description="peak AdamW learning rate of the LoRA adapters (targets lora/both; cosine decay to 10%)"
     )
     temperature: Annotated[float, Field(gt=0.0)] = Field(2.0, description="tau of KL(softmax(z_t/tau) || softmax(z_s/tau)) tau^2")
     lm_loss_weight: Annotated[float, Field(ge=0.0)] = Field(0.0, description="weight of the student's next-token loss added to the KL")
@@ -585,6 +592,18 @@ def validate(raw: Any, origin: str = "params.yaml") -> Params:
         first = _format_error(errors[0])
         more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
         raise PipelineError(f"{origin}: {first}{more}") from None
+
+
+def section(cls: type[SectionT], key: str, **values: Any) -> SectionT:
+    """The params section ``cls`` (the one at ``key`` in params.yaml) from ``values``, the rest at their
+    defaults, validated as params.yaml is: a bad value raises a one-line PipelineError naming ``key.<field>``."""
+    try:
+        return cls.model_validate(values)
+    except ValidationError as exc:
+        errors = exc.errors()
+        first = _format_error({**errors[0], "loc": (*key.split("."), *errors[0].get("loc", ()))})
+        more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise PipelineError(f"{first}{more}") from None
 
 
 def load_params(path: str | os.PathLike[str] = "params.yaml") -> Params:

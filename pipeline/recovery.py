@@ -5,8 +5,11 @@ tokens, plus ``lm_loss_weight`` times the student's next-token cross-entropy. Wh
 ``targets``: ``router`` (the router weights and biases of every MoE block, found through the adapter),
 ``lora`` (peft LoRA on every linear layer of the decoder outside the routers: attention, shared
 experts, dense MLPs; and on the routed experts' fused 3-D weights through peft's
-``target_parameters``), or ``both``. LoRA is merged back before saving, so the result is a plain
-transformers checkpoint with the student's tensor names, shapes and files.
+``target_parameters``), or ``both``. The routers train at ``lr_router`` and the LoRA adapters at
+``lr_lora`` (two AdamW parameter groups under ``both``). LoRA is merged back before saving, so the
+result is a plain transformers checkpoint with the student's tensor names, shapes and files. The
+settings are the ``recover.*`` params themselves (``pipeline.config.RecoverParams``; library callers
+build them with ``pipeline.config.section(RecoverParams, "recover", ...)`` for one-line errors).
 
 Training is a pure function of the inputs and the seed: batch ``s`` is drawn from a permutation
 seeded by ``(seed, epoch)``, the learning rate is a function of the step, and every
@@ -23,60 +26,29 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from pipeline.config import RecoverParams
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_dir, fingerprint, load_tensors, read_json, save_tensors
 from pipeline.models.base import MoEAdapter
 
 log = logging.getLogger(__name__)
 
-#: ``recover.targets``: what the distillation updates.
-TARGETS = ("router", "lora", "both")
 #: The resumable state inside ``work_dir``.
 STATE_FILE = "state.safetensors"
-
-
-@dataclass(frozen=True)
-class RecoverySettings:
-    """What a recovery run does: the ``recover.*`` params but the calibration set's name (their defaults
-    and ranges are declared in pipeline/config.py; checked again here for library callers)."""
-
-    steps: int
-    lr: float
-    temperature: float
-    lm_loss_weight: float
-    targets: str
-    batch_size: int
-    lora_rank: int
-    lora_alpha: float
-    checkpoint_every: int
-    seed: int
-
-    def __post_init__(self) -> None:
-        if self.targets not in TARGETS:
-            raise PipelineError(f"recover.targets: must be one of {', '.join(TARGETS)} (got {self.targets!r})")
-        for key in ("batch_size", "lora_rank", "checkpoint_every"):
-            if getattr(self, key) < 1:
-                raise PipelineError(f"recover.{key}: must be at least 1 (got {getattr(self, key)})")
-        if self.steps < 0:
-            raise PipelineError(f"recover.steps: must be 0 (pass the export through) or more (got {self.steps})")
-        if not (self.lr > 0 and self.temperature > 0 and self.lora_alpha > 0):
-            raise PipelineError("recover.lr, recover.temperature and recover.lora_alpha: must be positive")
-        if self.lm_loss_weight < 0:
-            raise PipelineError(f"recover.lm_loss_weight: must be 0 or more (got {self.lm_loss_weight})")
 
 
 @dataclass
 class RecoveryReport:
     """What a run did: the curve (one entry per step), how many tensors trained, its cost."""
 
-    settings: RecoverySettings
+    settings: RecoverParams
     curve: list[dict[str, float]] = field(default_factory=list)
     trainable_parameters: int = 0
     resumed_at: int = 0
@@ -121,10 +93,10 @@ def batch_indices(num_samples: int, batch_size: int, step: int, seed: int) -> to
     return perm[slot * size : (slot + 1) * size]
 
 
-def learning_rate(settings: RecoverySettings, step: int) -> float:
-    """Cosine decay from ``lr`` to 10% of it over ``steps`` (no warmup: the student starts trained)."""
-    progress = step / max(1, settings.steps)
-    return settings.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+def learning_rate(peak: float, step: int, steps: int) -> float:
+    """Cosine decay from ``peak`` to 10% of it over ``steps`` (no warmup: the student starts trained)."""
+    progress = step / max(1, steps)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 # -- what trains ----------------------------------------------------------------------------------
@@ -166,7 +138,7 @@ def lora_targets(model: nn.Module, adapter: MoEAdapter) -> tuple[list[str], list
     return modules, params
 
 
-def prepare_student(model: nn.Module, adapter: MoEAdapter, settings: RecoverySettings) -> nn.Module:
+def prepare_student(model: nn.Module, adapter: MoEAdapter, settings: RecoverParams) -> nn.Module:
     """Freeze ``model`` except what ``settings.targets`` trains; LoRA wraps it in a peft model (init seeded)."""
     for p in model.parameters():
         p.requires_grad_(False)
@@ -198,6 +170,30 @@ def prepare_student(model: nn.Module, adapter: MoEAdapter, settings: RecoverySet
 def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
     """The parameters that train, by name (stable across runs built the same way)."""
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def learning_rates(settings: RecoverParams) -> dict[str, float]:
+    """The peak learning rates ``settings.targets`` trains with, by params key (``lr_router``, ``lr_lora``)."""
+    out = {}
+    if settings.targets in ("router", "both"):
+        out["lr_router"] = settings.lr_router
+    if settings.targets in ("lora", "both"):
+        out["lr_lora"] = settings.lr_lora
+    return out
+
+
+def param_groups(params: dict[str, nn.Parameter], routers: dict[str, nn.Parameter], settings: RecoverParams) -> list[dict]:
+    """AdamW parameter groups: the routers at ``lr_router``, everything else that trains (LoRA) at
+    ``lr_lora``; empty groups left out. Each group's ``peak`` is the lr its cosine schedule starts from."""
+    router_ids = {id(p) for p in routers.values()}
+    groups = []
+    for peak, members in (
+        (settings.lr_router, [p for p in params.values() if id(p) in router_ids]),
+        (settings.lr_lora, [p for p in params.values() if id(p) not in router_ids]),
+    ):
+        if members:
+            groups.append({"params": members, "lr": peak, "peak": peak})
+    return groups
 
 
 def merge_student(model: nn.Module) -> nn.Module:
@@ -252,14 +248,15 @@ def distil(
     student: nn.Module,
     adapter: MoEAdapter,
     input_ids: torch.Tensor,
-    settings: RecoverySettings,
+    settings: RecoverParams,
     *,
     device: torch.device | str = "cpu",
     work_dir: str | Path | None = None,
     state_key: Any = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
 ) -> tuple[nn.Module, RecoveryReport]:
-    """Train ``student`` (the pruned model, float32) to match ``teacher`` on ``input_ids`` ``[N, L]``.
+    """Train ``student`` (the pruned model, float32) to match ``teacher`` on ``input_ids`` ``[N, L]``
+    with the ``recover.*`` ``settings`` (``settings.calibration`` only names the data).
 
     Returns the merged student (a plain transformers model) and the report. ``on_step(step, losses)``
     is called for every step, also those a resumed run replays from its checkpoint. ``state_key``
@@ -273,12 +270,13 @@ def distil(
         return student, report
     teacher.eval()
     torch.manual_seed(settings.seed)
+    routers = router_parameters(student, adapter)
     model = prepare_student(student, adapter, settings)
     model.train()
     params = trainable(model)
     report.trainable_parameters = sum(p.numel() for p in params.values())
-    optimizer = torch.optim.AdamW(list(params.values()), lr=settings.lr, weight_decay=0.0)
-    key = fingerprint({"settings": asdict(settings), "inputs": state_key})
+    optimizer = torch.optim.AdamW(param_groups(params, routers, settings), weight_decay=0.0)
+    key = fingerprint({"settings": settings.model_dump(mode="json"), "inputs": state_key})
     state_path = Path(work_dir) / STATE_FILE if work_dir is not None else None
     start, curve = 0, []
     if state_path is not None and (loaded := _load_state(state_path, params, optimizer, key)) is not None:
@@ -297,7 +295,7 @@ def distil(
         lm = lm_loss(logits, ids) if settings.lm_loss_weight else lm_loss(logits.detach(), ids)
         loss = kl + settings.lm_loss_weight * lm if settings.lm_loss_weight else kl
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(settings, step)
+            group["lr"] = learning_rate(group["peak"], step, settings.steps)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -396,11 +394,10 @@ def save_recovered(model: nn.Module, export_dir: str | Path, out_dir: str | Path
     return files
 
 
-def describe(settings: RecoverySettings, report: RecoveryReport, calibration: str) -> dict[str, Any]:
+def describe(settings: RecoverParams, report: RecoveryReport) -> dict[str, Any]:
     """The ``recovery`` entry of the recovered checkpoint's config."""
     return {
-        **asdict(settings),
-        "calibration": calibration,
+        **settings.model_dump(mode="json"),
         "trainable_parameters": report.trainable_parameters,
         "kl_first": report.curve[0]["kl"] if report.curve else None,
         "kl_last": report.curve[-1]["kl"] if report.curve else None,

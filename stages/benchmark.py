@@ -70,7 +70,7 @@ def main(ctx: StageContext) -> None:
         params = variant_params(v, vars(manifest), selection, thresholds, r.experts_per_layer)
         if v.recovered:  # the recover stage's settings, as recorded in the checkpoint it wrote
             recovery = read_json(v.checkpoint / "config.json", what="recovered model config").get("recovery") or {}
-            params.update({f"recover.{k}": recovery[k] for k in ("steps", "targets", "lr", "calibration") if k in recovery})
+            params.update({f"recover.{k}": recovery[k] for k in ("steps", "targets", "lr_router", "lr_lora", "calibration") if k in recovery})
         with ctx.run.child(
             v.name,
             params=params,

@@ -15,7 +15,7 @@ from pipeline.calibration import load_calibration_set
 from pipeline.io import remove_path
 from pipeline.models import get_adapter
 from pipeline.models.loading import ModelManifest, checkpoint_fingerprint, load_model
-from pipeline.recovery import RecoverySettings, copy_checkpoint, describe, distil, save_recovered
+from pipeline.recovery import copy_checkpoint, describe, distil, save_recovered
 from pipeline.runtime import resolve_device, resolve_dtype
 from stages.common import StageContext, calibration_dir, check_exported_from, stage, stage_dir
 
@@ -23,7 +23,7 @@ from stages.common import StageContext, calibration_dir, check_exported_from, st
 @stage("recover")
 def main(ctx: StageContext) -> None:
     p = ctx.params
-    settings = RecoverySettings(**p.recover.model_dump(exclude={"calibration"}))
+    settings = p.recover
     device = resolve_device(p.runtime.device)
     dtype, trust, name = resolve_dtype(p.runtime.dtype, device), p.runtime.trust_remote_code, p.recover.calibration
     exported = stage_dir("export") / "model"
@@ -40,14 +40,14 @@ def main(ctx: StageContext) -> None:
     student = load_model(exported, dtype=torch.float32, device=device, trust_remote_code=trust)
     inputs = {"export": checkpoint_fingerprint(exported), "model": manifest.fingerprint,
               "calibration": data.fingerprint, "device": str(device), "dtype": str(teacher.dtype)}
-    work = ctx.work_dir({"settings": vars(settings), **inputs})
+    work = ctx.work_dir({"settings": settings.model_dump(mode="json"), **inputs})
 
     def on_step(step: int, losses: dict[str, float]) -> None:
         ctx.log_metrics({f"train/{k}": v for k, v in losses.items()}, step=step)
 
     merged, report = distil(teacher, student, get_adapter(student.config), data.input_ids, settings,
                             device=device, work_dir=work, state_key=inputs, on_step=on_step)
-    save_recovered(merged, exported, out, recovery=describe(settings, report, name))
+    save_recovered(merged, exported, out, recovery=describe(settings, report))
     ctx.log_metrics(report.metrics())
     ctx.run.log_artifact(out / "config.json")
     ctx.run.log_reference("model", stage_dir("recover") / "model")

@@ -64,6 +64,8 @@ def test_params_yaml_shows_the_schema_defaults(raw):
         (("recover", "steps"), -1, "recover.steps"),
         (("recover", "temperature"), 0.0, "recover.temperature"),
         (("recover", "lora_rank"), 0, "recover.lora_rank"),
+        (("recover", "lr_router"), 1.0, "recover.lr_router: Input should be less than 1"),
+        (("recover", "lr_lora"), -3e-4, "recover.lr_lora: Input should be greater than 0"),
         (("recover", "calibration"), "nope", "recover.calibration: calibration set 'nope' does not exist"),
     ],
 )

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from pipeline.config import RecoverParams
+from pipeline.config import RecoverParams, section
 from pipeline.errors import PipelineError
 from pipeline.export import Selection, export_pruned
 from pipeline.io import sha256_file
@@ -23,7 +23,6 @@ from pipeline.models import get_adapter
 from pipeline.models.loading import load_model
 from pipeline.recovery import (
     STATE_FILE,
-    RecoverySettings,
     copy_checkpoint,
     distil,
     distillation_loss,
@@ -37,9 +36,9 @@ from tests.test_export import selection_dict
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def settings_with(**overrides: object) -> RecoverySettings:
-    """The default ``recover.*`` params with ``overrides``."""
-    return RecoverySettings(**{**RecoverParams().model_dump(exclude={"calibration"}), **overrides})
+def settings_with(**overrides: object) -> RecoverParams:
+    """The default ``recover.*`` params with ``overrides``, validated."""
+    return section(RecoverParams, "recover", **overrides)
 
 
 def make_pair(root: Path) -> tuple[Path, Path, torch.Tensor]:
@@ -65,7 +64,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, torch.Te
     return make_pair(tmp_path_factory.mktemp("recovery"))
 
 
-def run_recovery(pair, settings: RecoverySettings, out: Path, work: Path | None = None):
+def run_recovery(pair, settings: RecoverParams, out: Path, work: Path | None = None):
     teacher_dir, export_dir, ids = pair
     teacher, student = load_model(teacher_dir), load_model(export_dir)
     adapter = get_adapter(student.config)
@@ -90,7 +89,7 @@ def test_steps_zero_copies_the_export_byte_for_byte(pair, tmp_path: Path) -> Non
 
 
 def test_router_only_lowers_the_kl_and_changes_only_router_tensors(pair, tmp_path: Path) -> None:
-    settings = settings_with(steps=12, lr=5e-2, targets="router", batch_size=4, lm_loss_weight=0.01)
+    settings = settings_with(steps=12, lr_router=5e-2, targets="router", batch_size=4, lm_loss_weight=0.01)
     report = run_recovery(pair, settings, tmp_path / "out")
     assert len(report.curve) == 12 and report.trainable_parameters == 2 * 4 * 32  # 2 layers, 4 experts, d = 32
     assert report.curve[-1]["loss"] == pytest.approx(report.curve[-1]["kl"] + 0.01 * report.curve[-1]["lm"])
@@ -106,7 +105,7 @@ def test_router_only_lowers_the_kl_and_changes_only_router_tensors(pair, tmp_pat
 
 
 def test_lora_merged_checkpoint_loads_without_peft_with_the_export_layout(pair, tmp_path: Path) -> None:
-    settings = settings_with(steps=6, lr=3e-4, targets="both", batch_size=4, lora_rank=4)
+    settings = settings_with(steps=6, lr_lora=3e-4, targets="both", batch_size=4, lora_rank=4)
     report = run_recovery(pair, settings, tmp_path / "out")
     _, export_dir, _ = pair
     assert tensor_layout(tmp_path / "out") == tensor_layout(export_dir)
@@ -130,13 +129,30 @@ def test_lora_merged_checkpoint_loads_without_peft_with_the_export_layout(pair, 
     assert any("self_attn" in k for k in changed) and any("experts" in k for k in changed)
 
 
+def test_both_trains_the_routers_at_lr_router_and_lora_at_lr_lora(pair, tmp_path: Path) -> None:
+    """Two AdamW groups: with lr_lora near 0, ``both`` moves the routers as router-only training does
+    and leaves every other tensor where it was (to float noise)."""
+    common = dict(steps=4, lr_router=5e-2, batch_size=4, lora_rank=4)
+    run_recovery(pair, settings_with(targets="router", **common), tmp_path / "router")
+    run_recovery(pair, settings_with(targets="both", lr_lora=1e-12, **common), tmp_path / "both")
+    _, export_dir, _ = pair
+    before = load_file(export_dir / "model.safetensors")
+    router, both = load_file(tmp_path / "router" / "model.safetensors"), load_file(tmp_path / "both" / "model.safetensors")
+    gates = {k for k in before if k.endswith("gate.weight")}
+    assert len(gates) == 2 and all((both[k] - before[k]).abs().max() > 1e-3 for k in gates)
+    assert all(torch.allclose(both[k], router[k], atol=1e-5) for k in gates)
+    assert all(torch.allclose(both[k], before[k], atol=1e-6) for k in before.keys() - gates)
+
+
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("targets", "experts", r"^recover.targets: must be one of router, lora, both"),
-        ("steps", -1, r"^recover.steps: must be 0"),
-        ("batch_size", 0, r"^recover.batch_size: must be at least 1"),
-        ("lm_loss_weight", -0.1, r"^recover.lm_loss_weight: must be 0 or more"),
+        ("targets", "experts", r"^recover.targets: Input should be 'router', 'lora' or 'both' \(got 'experts'\)$"),
+        ("steps", -1, r"^recover.steps: Input should be greater than or equal to 0 \(got -1\)$"),
+        ("batch_size", 0, r"^recover.batch_size: Input should be greater than or equal to 1"),
+        ("lm_loss_weight", -0.1, r"^recover.lm_loss_weight: Input should be greater than or equal to 0"),
+        ("lr_lora", 0.0, r"^recover.lr_lora: Input should be greater than 0"),
+        ("lr", 1e-3, r"^recover.lr: unknown key"),  # one lr per target now
     ],
 )
 def test_bad_settings_are_one_line_errors(field: str, value: object, message: str) -> None:
@@ -150,12 +166,12 @@ torch.set_num_threads(1)
 from pathlib import Path
 from pipeline.models import get_adapter
 from pipeline.models.loading import load_model
-from pipeline.config import RecoverParams
-from pipeline.recovery import RecoverySettings, distil, save_recovered
+from pipeline.config import RecoverParams, section
+from pipeline.recovery import distil, save_recovered
 teacher_dir, export_dir, ids_file, work, out, hang_at = sys.argv[1:]
 ids = torch.load(ids_file)
-settings = RecoverySettings(**{**RecoverParams().model_dump(exclude={"calibration"}),
-                               **dict(steps=8, lr=3e-4, targets="both", batch_size=4, lora_rank=4, checkpoint_every=2)})
+settings = section(RecoverParams, "recover", steps=8, lr_router=1e-2, lr_lora=3e-4, targets="both", batch_size=4,
+                   lora_rank=4, checkpoint_every=2)
 teacher, student = load_model(teacher_dir), load_model(export_dir)
 def on_step(step, losses):
     print("step", step, flush=True)
