@@ -42,11 +42,16 @@ browser:
 repro: setup
 	$(BIN)/dvc repro
 
+# Two pytest-xdist workers: the tests that share the reproduced tiny projects run on one (built once),
+# everything else on the other. TEST_WORKERS=0 runs the suite in one process.
+TEST_WORKERS ?= 2
+TEST_ARGS    = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
+
 test: setup browser
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(TEST_ARGS)
 
 test-fast: setup
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest $(TEST_ARGS) -m "not slow"
 
 # The comparison grid of compare.yaml (strategies x r x calibration sets), each point a DVC experiment,
 # paired with this workspace's reproduced default run (make repro first); summary in outputs/compare/.

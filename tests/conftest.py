@@ -13,11 +13,20 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+# One CPU thread per process: the tests, their stage processes (`runtime.threads: 0` = torch's default,
+# which follows this variable) and the background project builds share the machine's cores, and
+# OpenMP threads that outnumber the cores spin and stall each other (10x and worse on 2 cores).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+#: Set in pytest-xdist's worker processes (`make test` runs two).
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+#: The xdist group of every test module that uses a reproduced project: one worker runs them all, so
+#: each project is built once per session.
+PROJECT_GROUP = "projects"
 
 
 @pytest.fixture(scope="module")
@@ -46,11 +55,19 @@ def _module(item: pytest.Item) -> str:
     return item.nodeid.split("::")[0]
 
 
+def _project_modules(items: list[pytest.Item]) -> set[str]:
+    return {_module(item) for item in items if set(PROJECT_FIXTURES) & set(getattr(item, "fixturenames", ()))}
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Test modules that use a reproduced project run last (each in its own order), so that the
-    project is built while the other tests run (:class:`_Projects`)."""
-    late = {_module(item) for item in items if set(PROJECT_FIXTURES) & set(getattr(item, "fixturenames", ()))}
+    project is built while the other tests run (:class:`_Projects`); under pytest-xdist they form
+    one group (``--dist loadgroup``), run by one worker while the other runs the rest."""
+    late = _project_modules(items)
     items[:] = [i for i in items if _module(i) not in late] + [i for i in items if _module(i) in late]
+    for item in items:
+        if _module(item) in late:
+            item.add_marker(pytest.mark.xdist_group(PROJECT_GROUP))
 
 
 class _Build:
@@ -93,6 +110,8 @@ class _Projects:
     def __init__(self, tmp_path_factory: pytest.TempPathFactory) -> None:
         self._tmp = tmp_path_factory
         self._builds: dict[str, _Build] = {}
+        #: The projects this session's tests use.
+        self.wanted: list[str] = []
 
     def start(self, name: str) -> _Build:
         from tests.project import TINY, merge, rerun_forced, reproduce, run_documented, run_twice
@@ -126,13 +145,24 @@ class _Projects:
 
 @pytest.fixture(scope="session", autouse=True)
 def _projects(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
-    """As the session starts, begins building every reproduced project its tests use."""
+    """As the session starts, begins building every reproduced project its tests use. Under xdist a
+    worker cannot know at its start whether it will get the project group, so there the builds begin
+    when the worker's first test asks for a project (:func:`_project`)."""
     projects = _Projects(tmp_path_factory)
-    for name in PROJECT_FIXTURES:
-        if any(name in getattr(item, "fixturenames", ()) for item in request.session.items):
+    projects.wanted = [name for name in PROJECT_FIXTURES
+                       if any(name in getattr(item, "fixturenames", ()) for item in request.session.items)]
+    if XDIST_WORKER is None:
+        for name in projects.wanted:
             projects.start(name)
     yield projects
     projects.join()  # no stage process outlives the session
+
+
+def _project(projects: _Projects, name: str) -> Path:
+    """The built project ``name``; the first request of a session also starts every other wanted build."""
+    for other in projects.wanted:
+        projects.start(other)
+    return projects.start(name).result()
 
 
 @pytest.fixture(scope="session")
@@ -140,7 +170,7 @@ def reproduced_project(_projects: _Projects) -> Path:
     """The tiny project (search.r 6) after one `dvc repro`, committed, with the modules each stage
     process imported in ``<project>/../imports``. Read-only: a test that changes it (or runs anything
     that writes to it) works on ``tests.project.clone_project`` of it."""
-    return _projects.start("reproduced_project").result()
+    return _project(_projects, "reproduced_project")
 
 
 @pytest.fixture(scope="session")
@@ -148,18 +178,18 @@ def compared_project(_projects: _Projects) -> Path:
     """A clone of ``reproduced_project`` (search.r 6, tagged r6) after `dvc exp run -S search.r=4`,
     committed (tagged r4); every MLflow run in ``<project>/mlflow.db``. Shared by the UI, plots, team
     and bad-input tests."""
-    return _projects.start("compared_project").result()
+    return _project(_projects, "compared_project")
 
 
 @pytest.fixture(scope="session")
 def fine_grained_project(_projects: _Projects) -> Path:
     """A clone of ``reproduced_project`` after the README's fine-grained profile line (``dvc exp run -S
     model.embedded.architecture=qwen3_moe ...``), run as written; its output in ``<project>/../run.log``."""
-    return _projects.start("fine_grained_project").result()
+    return _project(_projects, "fine_grained_project")
 
 
 @pytest.fixture(scope="session")
 def forced_project(_projects: _Projects) -> Path:
     """A clone of ``reproduced_project`` after `dvc repro -f` (every stage rerun, inputs unchanged);
     what it printed is in ``<project>/../repro.log``."""
-    return _projects.start("forced_project").result()
+    return _project(_projects, "forced_project")
