@@ -588,10 +588,15 @@ def validate(raw: Any, origin: str = "params.yaml") -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
-        errors = exc.errors()
-        first = _format_error(errors[0])
-        more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
-        raise PipelineError(f"{origin}: {first}{more}") from None
+        raise PipelineError(f"{origin}: {_one_line(exc)}") from None
+
+
+def _one_line(exc: ValidationError, within: tuple[str, ...] = ()) -> str:
+    """The first error of ``exc`` (its location prefixed by the keys ``within``), plus how many more."""
+    errors = exc.errors()
+    first = _format_error({**errors[0], "loc": (*within, *errors[0].get("loc", ()))})
+    more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{first}{more}"
 
 
 def section(cls: type[SectionT], key: str, **values: Any) -> SectionT:
@@ -600,10 +605,7 @@ def section(cls: type[SectionT], key: str, **values: Any) -> SectionT:
     try:
         return cls.model_validate(values)
     except ValidationError as exc:
-        errors = exc.errors()
-        first = _format_error({**errors[0], "loc": (*key.split("."), *errors[0].get("loc", ()))})
-        more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
-        raise PipelineError(f"{first}{more}") from None
+        raise PipelineError(_one_line(exc, tuple(key.split(".")))) from None
 
 
 def load_params(path: str | os.PathLike[str] = "params.yaml") -> Params:
