@@ -30,9 +30,10 @@ from pipeline.config import load_params  # noqa: E402
 from pipeline.evaluate import stats  # noqa: E402
 from pipeline.evaluate.lmeval import ItemScores, evaluate_model  # noqa: E402
 from pipeline.evaluate.tasks import select_tasks  # noqa: E402
-from pipeline.io import read_json, write_json  # noqa: E402
+from pipeline.io import atomic_dir, atomic_write_text, read_json, write_json  # noqa: E402
 from pipeline.models.loading import load_model, load_tokenizer  # noqa: E402
-from pipeline.tracking import StageRun, default_artifact_root, default_tracking_uri  # noqa: E402
+
+from _evidence import cli, log_evidence_run  # noqa: E402  (bench/ is on sys.path as the script's folder)
 
 ALLOCATIONS = ("uniform", "global")
 
@@ -129,22 +130,15 @@ def plot_counts(counts: dict[int, dict[str, list[int]]], num_experts: int, top_k
 def log_evidence(project: Path, rs: list[int], counts: dict, losses: dict, rows: list[dict], files: list[Path]) -> str | None:
     """One MLflow run in the project's store with the evidence; returns its id (None when tracking is off)."""
     params = load_params(project / "params.yaml")
-    uri = default_tracking_uri(project)
-    model_run = read_json(project / "outputs/model/run.json").get("run_id")
+    metrics = {f"r{r}.{name}.relative_loss": losses[r][name] for r in rs for name in ALLOCATIONS}
+    for x in rows:
+        key = f"r{x['r']}.{x['task']}.{x['metric']}"
+        metrics.update({f"{key}.uniform": x["uniform"], f"{key}.global": x["global"], f"{key}.difference": x["difference"]})
+        if x["difference_ci"] is not None:
+            metrics.update({f"{key}.difference_lo": x["difference_ci"][0], f"{key}.difference_hi": x["difference_ci"][1]})
     flat = {f"counts.r{r}.{name}": counts[r][name] for r in rs for name in ALLOCATIONS}
-    with StageRun("allocation-evidence", params.tracking.experiment, uri, artifact_root=default_artifact_root(uri, project),
-                  params={"r": rs, **flat}, tags={"script": "bench/allocation_eval.py", "upstream.model": model_run},
-                  enabled=params.tracking.enabled) as run:
-        metrics = {f"r{r}.{name}.relative_loss": losses[r][name] for r in rs for name in ALLOCATIONS}
-        for x in rows:
-            key = f"r{x['r']}.{x['task']}.{x['metric']}"
-            metrics.update({f"{key}.uniform": x["uniform"], f"{key}.global": x["global"], f"{key}.difference": x["difference"]})
-            if x["difference_ci"] is not None:
-                metrics.update({f"{key}.difference_lo": x["difference_ci"][0], f"{key}.difference_hi": x["difference_ci"][1]})
-        run.log_metrics(metrics)
-        for path in files:
-            run.log_artifact(path)
-        return run.run_id
+    return log_evidence_run(project, "allocation-evidence", params.tracking.experiment, "bench/allocation_eval.py",
+                            params={"r": rs, **flat}, metrics=metrics, files=files, enabled=params.tracking.enabled)
 
 
 def main() -> None:
@@ -174,14 +168,12 @@ def main() -> None:
     table = markdown(rows)
     print(table, end="")
     if args.out is not None:
-        out = args.out
-        files = [write_json(out / "allocation.json", {"counts": counts, "relative_loss": losses, "rows": rows}),
-                 plot_counts(counts, *shape, out / "counts.png")]
-        (out / "allocation.md").write_text(table, encoding="utf-8")
-        files.append(out / "allocation.md")
-        run_id = log_evidence(args.project.resolve(), args.r, counts, losses, rows, files)
-        print(f"written to {out}; MLflow run {run_id}")
+        with atomic_dir(args.out) as out:  # the folder appears only with its MLflow run
+            files = [write_json(out / "allocation.json", {"counts": counts, "relative_loss": losses, "rows": rows}),
+                     plot_counts(counts, *shape, out / "counts.png"), atomic_write_text(out / "allocation.md", table)]
+            run_id = log_evidence(args.project.resolve(), args.r, counts, losses, rows, files)
+        print(f"written to {args.out}; MLflow run {run_id}")
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

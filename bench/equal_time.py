@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -35,14 +36,16 @@ import yaml  # noqa: E402
 from pipeline.activations import ActivationCache  # noqa: E402
 from pipeline.config import SearchParams  # noqa: E402
 from pipeline.evaluate import stats  # noqa: E402
-from pipeline.io import read_json  # noqa: E402
+from pipeline.io import atomic_dir, atomic_write_text, write_json  # noqa: E402
 from pipeline.models import get_adapter  # noqa: E402
 from pipeline.models.loading import ModelManifest, load_model  # noqa: E402
 from pipeline.search.evolutionary import evolutionary_search  # noqa: E402
 from pipeline.search.run import search_layer  # noqa: E402
 from pipeline.search.scoring import LayerScorer  # noqa: E402
 from pipeline.search.strategies import LayerProblem  # noqa: E402
-from pipeline.tracking import StageRun, default_artifact_root, default_tracking_uri  # noqa: E402
+from pipeline.tracking import default_tracking_uri  # noqa: E402
+
+from _evidence import cli, log_evidence_run  # noqa: E402  (bench/ is on sys.path as the script's folder)
 
 
 class _TimeUp(Exception):
@@ -86,25 +89,19 @@ def _best_at(trace: list[tuple[float, float]], seconds: float) -> float:
 
 def log_evidence(project: Path, experiment: str, args: argparse.Namespace, summary: list[dict], files: list[Path]) -> str | None:
     """One MLflow run ``equal-time-evidence`` in the project's store with the summary; returns its id."""
-    uri = default_tracking_uri(project)
-    model_run = read_json(project / "outputs/model/run.json").get("run_id")
-    with StageRun("equal-time-evidence", experiment, uri, artifact_root=default_artifact_root(uri, project),
-                  params={"r": [e["r"] for e in summary], "rounds": args.rounds, "stretch": args.stretch,
-                          "threads": args.threads},
-                  tags={"script": "bench/equal_time.py", "upstream.model": model_run}) as run:
-        metrics = {}
-        for e in summary:
-            for key in ("evolutionary_at_beam_time", "evolutionary_at_stretch"):
-                c = e[key]
-                if c is not None:
-                    metrics[f"r{e['r']}.{key}.ratio"] = c["ratio"]
-                    if c["interval"] is not None:
-                        metrics[f"r{e['r']}.{key}.ratio_lo"], metrics[f"r{e['r']}.{key}.ratio_hi"] = c["interval"]
-            metrics[f"r{e['r']}.beam_better_pairs"] = e["beam_better_pairs"]
-        run.log_metrics(metrics)
-        for path in files:
-            run.log_artifact(path)
-        return run.run_id
+    metrics = {}
+    for e in summary:
+        for key in ("evolutionary_at_beam_time", "evolutionary_at_stretch"):
+            c = e[key]
+            if c is not None:
+                metrics[f"r{e['r']}.{key}.ratio"] = c["ratio"]
+                if c["interval"] is not None:
+                    metrics[f"r{e['r']}.{key}.ratio_lo"], metrics[f"r{e['r']}.{key}.ratio_hi"] = c["interval"]
+        metrics[f"r{e['r']}.beam_better_pairs"] = e["beam_better_pairs"]
+    return log_evidence_run(project, "equal-time-evidence", experiment, "bench/equal_time.py",
+                            params={"r": [e["r"] for e in summary], "rounds": args.rounds, "stretch": args.stretch,
+                                    "threads": args.threads},
+                            metrics=metrics, files=files)
 
 
 def main() -> None:
@@ -189,13 +186,13 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "equal_time.json").write_text(json.dumps({"rows": rows, "summary": summary}, indent=2))
-        (args.out / "equal_time.md").write_text(text + "\n")
-        files = [args.out / "equal_time.json", args.out / "equal_time.md"]
-        run_id = log_evidence(project, raw["tracking"]["experiment"], args, summary, files)
+        with atomic_dir(args.out) as out:  # the folder appears only with its MLflow run
+            finite = [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in x.items()} for x in rows]
+            files = [write_json(out / "equal_time.json", {"rows": finite, "summary": summary}),  # null: nothing scored in time
+                     atomic_write_text(out / "equal_time.md", text + "\n")]
+            run_id = log_evidence(project, raw["tracking"]["experiment"], args, summary, files)
         print(f"MLflow run {run_id} (equal-time-evidence) in {default_tracking_uri(project)}")
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)
